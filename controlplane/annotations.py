@@ -1,0 +1,306 @@
+"""The annotation contract: what users write on Services and Pods, parsed strictly.
+
+Service annotations::
+
+    weighbridge.io/strategy: weighted_round_robin   # opt-in; required
+    weighbridge.io/weights: |                       # optional
+      version=v1: 90%
+      version=v2: 10%
+      pod/api-7c9d-x2k4q: 3
+    weighbridge.io/port: grpc                       # optional: Service port name or number
+    weighbridge.io/grpc-services: helloworld.Greeter, grpc.health.v1.Health   # optional
+
+Pod annotation::
+
+    weighbridge.io/weight: "3"                      # relative weight of this pod, default 1
+
+Every parse error is an :class:`AnnotationError` whose ``reason`` becomes the reason of the
+Kubernetes Event on the Service and whose message names the offending text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Final
+
+from controlplane.errors import AnnotationError
+from weighbridge.model import STRATEGIES
+
+PREFIX: Final = "weighbridge.io/"
+STRATEGY: Final = PREFIX + "strategy"
+WEIGHTS: Final = PREFIX + "weights"
+PORT: Final = PREFIX + "port"
+GRPC_SERVICES: Final = PREFIX + "grpc-services"
+POD_WEIGHT: Final = PREFIX + "weight"
+
+MAX_WEIGHT: Final = 1_000_000
+"""Largest per-pod weight a human may write; far beyond any sensible ratio, small enough that
+group arithmetic stays exact."""
+
+MAX_ENTRIES: Final = 256
+
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_GRPC_SERVICE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_SET_REQ = re.compile(r"^(?P<key>\S+)\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """One label-selector requirement (``key=value``, ``key!=v``, ``key in (a,b)``, ``key``, ``!key``)."""
+
+    key: str
+    op: str  # "in", "notin", "exists", "!exists"
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.op == "exists":
+            return self.key in labels
+        if self.op == "!exists":
+            return self.key not in labels
+        if self.op == "in":
+            return labels.get(self.key) in self.values
+        return labels.get(self.key) not in self.values  # notin (absent key matches, as in k8s)
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """A conjunction of requirements; written as in ``kubectl -l``."""
+
+    text: str
+    requirements: tuple[Requirement, ...]
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(r.matches(labels) for r in self.requirements)
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A share of traffic for the endpoints whose Pod labels match ``selector``.
+
+    ``selector`` None is the ``*`` group: every endpoint no other group matched.
+    """
+
+    selector: Selector | None
+    share: Fraction
+
+
+@dataclass(frozen=True, slots=True)
+class WeightSpec:
+    """The parsed ``weighbridge.io/weights`` annotation."""
+
+    groups: tuple[Group, ...] = ()
+    pod_weights: Mapping[str, int] = field(default_factory=dict)
+    percent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """Everything the Service's annotations say."""
+
+    strategy: str
+    weights: WeightSpec
+    port: str | None
+    grpc_services: tuple[str, ...]
+
+
+def opted_in(annotations: Mapping[str, str] | None) -> bool:
+    """A Service takes part only when it carries ``weighbridge.io/strategy``."""
+    return bool(annotations) and STRATEGY in annotations  # type: ignore[operator]
+
+
+def parse_service(annotations: Mapping[str, str]) -> ServiceSpec:
+    """Parse a Service's Weighbridge annotations; raises AnnotationError."""
+    strategy = annotations.get(STRATEGY, "").strip()
+    if strategy not in STRATEGIES:
+        raise AnnotationError(
+            "InvalidStrategy",
+            f"{STRATEGY}: {strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}",
+        )
+    weights = parse_weights(annotations.get(WEIGHTS, ""))
+    port = annotations.get(PORT)
+    if port is not None:
+        port = port.strip()
+        if not port:
+            raise AnnotationError("InvalidPort", f"{PORT} is empty; give a port name or number")
+    return ServiceSpec(
+        strategy=strategy,
+        weights=weights,
+        port=port,
+        grpc_services=parse_grpc_services(annotations.get(GRPC_SERVICES, "")),
+    )
+
+
+def parse_grpc_services(text: str) -> tuple[str, ...]:
+    names = [n.strip() for n in re.split(r"[,\s]+", text) if n.strip()]
+    for n in names:
+        if not _GRPC_SERVICE.match(n):
+            raise AnnotationError(
+                "InvalidGrpcServices",
+                f"{GRPC_SERVICES}: {n!r} is not a fully qualified gRPC service name "
+                "(like helloworld.Greeter)",
+            )
+    return tuple(dict.fromkeys(names))
+
+
+def parse_pod_weight(pod: str, annotations: Mapping[str, str] | None) -> int | None:
+    """The Pod's ``weighbridge.io/weight``, or None when absent."""
+    if not annotations or POD_WEIGHT not in annotations:
+        return None
+    text = annotations[POD_WEIGHT].strip()
+    if not text.isdigit() or int(text) > MAX_WEIGHT:
+        raise AnnotationError(
+            "InvalidPodWeight",
+            f"pod {pod}: {POD_WEIGHT}={annotations[POD_WEIGHT]!r} is not a whole number "
+            f"from 0 to {MAX_WEIGHT}",
+        )
+    return int(text)
+
+
+def parse_weights(text: str) -> WeightSpec:
+    """Parse ``weighbridge.io/weights``.
+
+    One entry per line (or separated by ``;``), ``TARGET: VALUE``, ``#`` starts a comment:
+
+    - ``SELECTOR: SHARE`` — a group share for pods matching a label selector (``k=v``,
+      ``k!=v``, ``k in (a,b)``, ``k notin (a,b)``, ``k``, ``!k``, comma-joined = all of them).
+      Shares are all percentages adding up to 100 (``90%``), or all plain relative numbers.
+    - ``*: SHARE`` — the share of pods no other group matched (otherwise they get none).
+    - ``pod/NAME: WEIGHT`` — a whole-number relative weight for one pod.
+    """
+    groups: list[Group] = []
+    pod_weights: dict[str, int] = {}
+    seen_selectors: set[str] = set()
+    kinds: set[bool] = set()
+    entries = [e.strip() for line in text.splitlines() for e in line.split("#", 1)[0].split(";")]
+    entries = [e for e in entries if e]
+    if len(entries) > MAX_ENTRIES:
+        raise AnnotationError("InvalidWeights", f"{WEIGHTS}: more than {MAX_ENTRIES} entries")
+    for entry in entries:
+        target, sep, value = entry.rpartition(":")
+        target, value = target.strip(), value.strip()
+        if not sep or not target or not value:
+            raise AnnotationError(
+                "InvalidWeights", f"{WEIGHTS}: {entry!r} is not 'TARGET: VALUE' (e.g. 'version=v1: 90%')"
+            )
+        if target.startswith("pod/"):
+            pod = target[4:].strip()
+            if not _POD_NAME.match(pod):
+                raise AnnotationError("InvalidWeights", f"{WEIGHTS}: {pod!r} is not a pod name")
+            if pod in pod_weights:
+                raise AnnotationError("InvalidWeights", f"{WEIGHTS}: pod/{pod} is given twice")
+            if not value.isdigit() or int(value) > MAX_WEIGHT:
+                raise AnnotationError(
+                    "InvalidWeights",
+                    f"{WEIGHTS}: weight {value!r} of pod/{pod} is not a whole number "
+                    f"from 0 to {MAX_WEIGHT}",
+                )
+            pod_weights[pod] = int(value)
+            continue
+        percent = value.endswith("%")
+        share = _parse_share(value.removesuffix("%").strip(), entry)
+        kinds.add(percent)
+        selector = None if target == "*" else parse_selector(target)
+        canonical = "*" if selector is None else target
+        if canonical in seen_selectors:
+            raise AnnotationError("InvalidWeights", f"{WEIGHTS}: group {target!r} is given twice")
+        seen_selectors.add(canonical)
+        groups.append(Group(selector, share))
+    if len(kinds) > 1:
+        raise AnnotationError(
+            "InvalidWeights",
+            f"{WEIGHTS}: mix of percentages and plain numbers; write all shares one way",
+        )
+    is_percent = kinds == {True}
+    if is_percent:
+        total = sum((g.share for g in groups), Fraction(0))
+        if total != 100:
+            raise AnnotationError(
+                "InvalidWeights",
+                f"{WEIGHTS}: group shares add up to {float(total):g}%, not 100%",
+            )
+    if groups and sum(g.share for g in groups) == 0:
+        raise AnnotationError("InvalidWeights", f"{WEIGHTS}: every group share is 0")
+    return WeightSpec(tuple(groups), pod_weights, is_percent)
+
+
+def _parse_share(text: str, entry: str) -> Fraction:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite() or value < 0 or value > MAX_WEIGHT or not re.fullmatch(r"\d+(\.\d{1,4})?", text):
+        raise AnnotationError(
+            "InvalidWeights",
+            f"{WEIGHTS}: share {text!r} in {entry!r} is not a number from 0 to {MAX_WEIGHT} "
+            "with at most 4 decimals",
+        )
+    return Fraction(value)
+
+
+def parse_selector(text: str) -> Selector:
+    """Parse an equality- or set-based label selector, as ``kubectl get -l`` takes it."""
+    requirements: list[Requirement] = []
+    for part in _split_requirements(text):
+        requirements.append(_parse_requirement(part, text))
+    if not requirements:
+        raise AnnotationError("InvalidWeights", f"{WEIGHTS}: empty selector in {text!r}")
+    return Selector(text, tuple(requirements))
+
+
+def _split_requirements(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise AnnotationError("InvalidWeights", f"{WEIGHTS}: unbalanced ')' in {text!r}")
+        if ch == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    if depth:
+        raise AnnotationError("InvalidWeights", f"{WEIGHTS}: unbalanced '(' in {text!r}")
+    parts.append("".join(current).strip())
+    return parts
+
+
+def _parse_requirement(part: str, whole: str) -> Requirement:
+    def bad(why: str) -> AnnotationError:
+        return AnnotationError("InvalidWeights", f"{WEIGHTS}: selector {whole!r}: {why}")
+
+    def key(k: str) -> str:
+        k = k.strip()
+        if not _LABEL_KEY.match(k):
+            raise bad(f"{k!r} is not a label key")
+        return k
+
+    def value(v: str) -> str:
+        v = v.strip()
+        if not _LABEL_VALUE.match(v):
+            raise bad(f"{v!r} is not a label value")
+        return v
+
+    if not part:
+        raise bad("empty requirement")
+    if m := _SET_REQ.match(part):
+        values = frozenset(value(v) for v in m["values"].split(","))
+        return Requirement(key(m["key"]), m["op"], values)
+    for op, name in (("!=", "notin"), ("==", "in"), ("=", "in")):
+        if op in part:
+            k, _, v = part.partition(op)
+            return Requirement(key(k), name, frozenset({value(v)}))
+    if part.startswith("!"):
+        return Requirement(key(part[1:]), "!exists")
+    return Requirement(key(part), "exists")

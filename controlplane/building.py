@@ -1,0 +1,244 @@
+"""Building one Service's BackendSet from Kubernetes objects (pure functions, no I/O).
+
+Objects are the plain JSON dicts the API server sends; they are never modified here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Final
+
+from controlplane.annotations import ServiceSpec, WeightSpec, parse_pod_weight
+from controlplane.errors import AnnotationError
+from weighbridge.model import BackendSet, Endpoint
+
+Obj = Mapping[str, Any]
+
+EXACT_TOTAL_LIMIT: Final = 2**31
+"""Group weights are exact integers while their sum stays below this; past it they are
+rounded to parts per million (only with many groups of coprime sizes)."""
+
+APPROXIMATE_TOTAL: Final = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class RawEndpoint:
+    """An endpoint as Kubernetes describes it, before weights are assigned."""
+
+    address: str
+    port: int
+    serving: bool
+    terminating: bool
+    zone: str
+    node: str
+    pod: str
+
+    @property
+    def rank(self) -> tuple[bool, bool]:
+        """Better duplicates sort last: serving beats not serving, live beats terminating."""
+        return (self.serving, not self.terminating)
+
+
+def select_port(service: Obj, wanted: str | None) -> tuple[str, int]:
+    """The Service port the proxy forwards to: ``(name, port)``.
+
+    ``wanted`` (from ``weighbridge.io/port``) is a port name or number; without it a Service
+    with a single port uses that one, else the port named ``grpc``.
+    """
+    ports = service.get("spec", {}).get("ports") or []
+    if wanted is not None:
+        for p in ports:
+            if p.get("name") == wanted or str(p.get("port")) == wanted:
+                return p.get("name") or "", int(p["port"])
+        names = ", ".join(f"{p.get('name') or '<unnamed>'}={p.get('port')}" for p in ports)
+        raise AnnotationError(
+            "InvalidPort", f"weighbridge.io/port: Service has no port {wanted!r} (ports: {names or 'none'})"
+        )
+    if len(ports) == 1:
+        return ports[0].get("name") or "", int(ports[0]["port"])
+    for p in ports:
+        if p.get("name") == "grpc":
+            return "grpc", int(p["port"])
+    raise AnnotationError(
+        "InvalidPort",
+        f"Service has {len(ports)} ports and none is named 'grpc'; "
+        "choose one with weighbridge.io/port: NAME",
+    )
+
+
+def endpoints_from_slices(slices: Iterable[Obj], port_name: str) -> list[RawEndpoint]:
+    """Merge every EndpointSlice of a Service (discovery.k8s.io/v1) for one port name."""
+    found: dict[tuple[str, int], RawEndpoint] = {}
+    for s in slices:
+        if s.get("addressType") not in ("IPv4", "IPv6"):
+            continue
+        port = _port_number(s.get("ports") or [], port_name)
+        if port is None:
+            continue
+        for ep in s.get("endpoints") or []:
+            addresses = ep.get("addresses") or []
+            if not addresses:
+                continue
+            cond = ep.get("conditions") or {}
+            ready = cond.get("ready")
+            ready = True if ready is None else bool(ready)
+            serving = cond.get("serving")
+            serving = ready if serving is None else bool(serving)
+            ref = ep.get("targetRef") or {}
+            raw = RawEndpoint(
+                address=addresses[0],
+                port=port,
+                serving=serving,
+                terminating=bool(cond.get("terminating")),
+                zone=ep.get("zone") or "",
+                node=ep.get("nodeName") or "",
+                pod=ref.get("name", "") if ref.get("kind") == "Pod" else "",
+            )
+            _keep_best(found, raw)
+    return sorted(found.values(), key=lambda e: (e.address, e.port))
+
+
+def endpoints_from_endpoints(obj: Obj | None, port_name: str) -> list[RawEndpoint]:
+    """Endpoints from a core/v1 Endpoints object (deprecated since Kubernetes 1.33)."""
+    found: dict[tuple[str, int], RawEndpoint] = {}
+    for subset in (obj or {}).get("subsets") or []:
+        port = _port_number(subset.get("ports") or [], port_name)
+        if port is None:
+            continue
+        for key, serving in (("addresses", True), ("notReadyAddresses", False)):
+            for a in subset.get(key) or []:
+                ref = a.get("targetRef") or {}
+                raw = RawEndpoint(
+                    address=a["ip"],
+                    port=port,
+                    serving=serving,
+                    terminating=False,
+                    zone="",
+                    node=a.get("nodeName") or "",
+                    pod=ref.get("name", "") if ref.get("kind") == "Pod" else "",
+                )
+                _keep_best(found, raw)
+    return sorted(found.values(), key=lambda e: (e.address, e.port))
+
+
+def _port_number(ports: Sequence[Obj], name: str) -> int | None:
+    for p in ports:
+        if (p.get("name") or "") == name and p.get("port") is not None:
+            if (p.get("protocol") or "TCP") != "TCP":
+                continue
+            return int(p["port"])
+    return None
+
+
+def _keep_best(found: dict[tuple[str, int], RawEndpoint], raw: RawEndpoint) -> None:
+    key = (raw.address, raw.port)
+    old = found.get(key)
+    if old is None or raw.rank > old.rank:
+        found[key] = raw
+
+
+def assign_weights(
+    endpoints: Sequence[RawEndpoint],
+    spec: WeightSpec,
+    pods: Mapping[str, Obj],
+) -> list[int]:
+    """Integer weights such that each endpoint's share of new requests is exactly what the
+    annotations ask for (see docs/annotations.md).
+
+    ``pods`` maps pod name → Pod object (same namespace). Endpoints that are not eligible
+    (not serving, or terminating) get weight 0 in group mode, so group shares hold among
+    the endpoints that take traffic.
+    """
+    base: list[int] = []
+    for e in endpoints:
+        weight = spec.pod_weights.get(e.pod) if e.pod else None
+        if weight is None and e.pod:
+            pod = pods.get(e.pod)
+            weight = parse_pod_weight(e.pod, (pod or {}).get("metadata", {}).get("annotations"))
+        base.append(1 if weight is None else weight)
+    if not spec.groups:
+        return base
+
+    members: dict[int, list[int]] = {}
+    for i, e in enumerate(endpoints):
+        if not e.serving or e.terminating or base[i] == 0:
+            continue
+        labels = (pods.get(e.pod) or {}).get("metadata", {}).get("labels") or {} if e.pod else {}
+        for g, group in enumerate(spec.groups):
+            if group.selector is not None and group.selector.matches(labels):
+                members.setdefault(g, []).append(i)
+                break
+        else:
+            rest = next((g for g, gr in enumerate(spec.groups) if gr.selector is None), None)
+            if rest is not None:
+                members.setdefault(rest, []).append(i)
+
+    shares = [Fraction(0)] * len(endpoints)
+    for g, idx in members.items():
+        group_share = spec.groups[g].share
+        group_base = sum(base[i] for i in idx)
+        for i in idx:
+            shares[i] = group_share * base[i] / group_base
+    return _integers(shares)
+
+
+def _integers(shares: Sequence[Fraction]) -> list[int]:
+    """Smallest integers proportional to ``shares`` (exact), or parts per million if huge."""
+    if not any(shares):
+        return [0] * len(shares)
+    lcm = math.lcm(*(s.denominator for s in shares))
+    exact = [int(s * lcm) for s in shares]
+    gcd = math.gcd(*exact)
+    exact = [w // gcd for w in exact]
+    if sum(exact) < EXACT_TOTAL_LIMIT:
+        return exact
+    total = sum(shares, Fraction(0))
+    scaled = [s / total * APPROXIMATE_TOTAL for s in shares]
+    out = [max(1, math.floor(x)) if x > 0 else 0 for x in scaled]
+    # Largest remainder: hand out what flooring lost, biggest fractional parts first.
+    missing = APPROXIMATE_TOTAL - sum(out)
+    order = sorted(range(len(out)), key=lambda i: scaled[i] - math.floor(scaled[i]), reverse=True)
+    for i in order[: max(0, missing)]:
+        if scaled[i] > 0:
+            out[i] += 1
+    return out
+
+
+def build_backend_set(
+    *,
+    service: Obj,
+    spec: ServiceSpec,
+    raw: Sequence[RawEndpoint],
+    pods: Mapping[str, Obj],
+    source: str,
+    generation: int,
+    built_unix_nanos: int,
+) -> BackendSet:
+    """The BackendSet for one Service; raises AnnotationError for bad annotations."""
+    weights = assign_weights(raw, spec.weights, pods)
+    meta = service["metadata"]
+    return BackendSet(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        strategy=spec.strategy,
+        endpoints=tuple(
+            Endpoint(
+                address=e.address,
+                port=e.port,
+                weight=w,
+                zone=e.zone,
+                pod=e.pod,
+                node=e.node,
+                serving=e.serving,
+                terminating=e.terminating,
+            )
+            for e, w in zip(raw, weights, strict=True)
+        ),
+        generation=generation,
+        grpc_services=spec.grpc_services,
+        source=source,
+        built_unix_nanos=built_unix_nanos,
+    )

@@ -1,0 +1,262 @@
+"""A real control plane on loopback: etcd 3.6 and kube-apiserver, for tests and for humans.
+
+    python -m tests.testenv            # or scripts/dev-cluster
+
+builds what is missing (scripts/build-testbin, cached outside the checkout), starts an etcd
+for Weighbridge, an etcd for Kubernetes and a kube-apiserver on free loopback ports, prints
+the kubeconfig path and etcd endpoint, and stops everything on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "weighbridge-test-admin-token"
+
+
+def build(target: str) -> Path:
+    """Path to the cached binary for ``target``, building it first when missing."""
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "build-testbin"), target],
+        check=True, stdout=subprocess.PIPE, text=True,
+    ).stdout.strip().splitlines()
+    return Path(out[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(what: str, check: object, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+class Etcd:
+    """One real etcd member on loopback; start/stop/kill/restart keep its ports and data."""
+
+    def __init__(self, workdir: Path, name: str = "etcd") -> None:
+        self.binary = build("etcd")
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.log = self.dir / "etcd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = 30) -> None:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"http://{self.endpoint}"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(self.binary),
+                    f"--name={self.name}",
+                    f"--data-dir={self.dir / 'data'}",
+                    f"--listen-client-urls={client}",
+                    f"--advertise-client-urls={client}",
+                    f"--listen-peer-urls={peer}",
+                    f"--initial-advertise-peer-urls={peer}",
+                    f"--initial-cluster={self.name}={peer}",
+                    "--log-level=warn",
+                    "--unsafe-no-fsync",
+                ],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        _wait(f"etcd {self.name}", self._healthy, self.proc, self.log, timeout)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as r:
+                return bool(json.load(r).get("health") == "true")
+        except (OSError, ValueError):
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class KubeAPIServer:
+    """A real kube-apiserver on loopback, backed by its own real etcd."""
+
+    def __init__(self, workdir: Path, etcd: Etcd, name: str = "kube-apiserver") -> None:
+        self.binary = build("kube-apiserver")
+        self.etcd = etcd
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log = self.dir / "kube-apiserver.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.kubeconfig = self.dir / "kubeconfig"
+        self._prepare()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def _prepare(self) -> None:
+        (self.dir / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,admin-uid,"system:masters"\n')
+        key, pub = self.dir / "sa.key", self.dir / "sa.pub"
+        if not key.exists():
+            subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True,
+                           capture_output=True)
+            subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)],
+                           check=True, capture_output=True)
+
+    def start(self, timeout: float = 90) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(self.binary),
+                    f"--etcd-servers=http://{self.etcd.endpoint}",
+                    f"--cert-dir={self.dir / 'certs'}",
+                    f"--secure-port={self.port}",
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    # The "kubernetes" Service endpoints would have to be a non-loopback IP.
+                    "--endpoint-reconciler-type=none",
+                    "--service-cluster-ip-range=10.96.0.0/24",
+                    "--authorization-mode=RBAC",
+                    f"--token-auth-file={self.dir / 'tokens.csv'}",
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                    f"--service-account-key-file={self.dir / 'sa.pub'}",
+                    f"--service-account-signing-key-file={self.dir / 'sa.key'}",
+                    # No controller-manager runs, so nothing creates "default" ServiceAccounts.
+                    "--disable-admission-plugins=ServiceAccount",
+                    "--allow-privileged=true",
+                    "--profiling=false",
+                    "--v=0",
+                ],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        _wait("kube-apiserver", self._ready, self.proc, self.log, timeout)
+        self._write_kubeconfig()
+
+    def _ready(self) -> bool:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        req = urllib.request.Request(
+            f"{self.url}/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=2, context=ctx) as r:
+                return bool(r.status == 200)
+        except (OSError, urllib.error.HTTPError):
+            return False
+
+    def _write_kubeconfig(self) -> None:
+        ca = self.dir / "certs" / "apiserver.crt"
+        self.kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "weighbridge-test", "cluster": {
+                "server": self.url, "certificate-authority": str(ca)}}],
+            "users": [{"name": "admin", "user": {"token": ADMIN_TOKEN}}],
+            "contexts": [{"name": "weighbridge-test", "context": {
+                "cluster": "weighbridge-test", "user": "admin"}}],
+            "current-context": "weighbridge-test",
+        }, indent=2))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@contextlib.contextmanager
+def control_plane(workdir: Path | None = None) -> Iterator[tuple[Etcd, KubeAPIServer]]:
+    """Weighbridge's etcd and a kube-apiserver (with its own etcd), stopped on exit."""
+    tmp = Path(tempfile.mkdtemp(prefix="weighbridge-env-")) if workdir is None else workdir
+    kube_etcd = Etcd(tmp, "kube-etcd")
+    wb_etcd = Etcd(tmp, "etcd")
+    apiserver = KubeAPIServer(tmp, kube_etcd)
+    try:
+        kube_etcd.start()
+        wb_etcd.start()
+        apiserver.start()
+        yield wb_etcd, apiserver
+    finally:
+        apiserver.stop()
+        wb_etcd.stop()
+        kube_etcd.stop()
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    with control_plane() as (etcd, apiserver):
+        print(f"etcd endpoint:  {etcd.endpoint}")
+        print(f"kubeconfig:     {apiserver.kubeconfig}")
+        print(f"kube-apiserver: {apiserver.url}")
+        print()
+        print("Try:")
+        print(f"  export WEIGHBRIDGE_ETCD={etcd.endpoint} KUBECONFIG={apiserver.kubeconfig}")
+        print("  weighbridge-controller --kubeconfig $KUBECONFIG --etcd $WEIGHBRIDGE_ETCD")
+        print("Ctrl-C stops everything.", flush=True)
+        stop = {"now": False}
+
+        def _stop(*_: object) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop["now"]:
+                time.sleep(0.5)
+    sys.stdout.write("stopped\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,159 @@
+"""The backend-set model and its protobuf codec.
+
+A :class:`BackendSet` is an immutable value: writers build a new one, readers swap it in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import Final
+
+from google.protobuf.message import DecodeError as _ProtoDecodeError
+
+from weighbridge.errors import DecodeError
+from weighbridge.keys import ServiceKey, service_key
+from weighbridge.v1 import backend_set_pb2 as pb
+
+STRATEGIES: Final = ("round_robin", "random", "weighted_round_robin", "weighted_random")
+"""Strategy names every proxy of this version understands."""
+
+MAX_WEIGHT: Final = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One backend: where to send requests and how much of them."""
+
+    address: str
+    port: int
+    weight: int = 1
+    zone: str = ""
+    pod: str = ""
+    node: str = ""
+    serving: bool = True
+    terminating: bool = False
+
+    def __post_init__(self) -> None:
+        ipaddress.ip_address(self.address)  # raises ValueError for anything but an IP
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} out of range 1-65535")
+        if not 0 <= self.weight <= MAX_WEIGHT:
+            raise ValueError(f"weight {self.weight} out of range 0-{MAX_WEIGHT}")
+
+    @property
+    def eligible(self) -> bool:
+        """Eligible endpoints may get new requests: serving, not terminating, weight > 0."""
+        return self.serving and not self.terminating and self.weight > 0
+
+    @property
+    def hostport(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSet:
+    """Everything a proxy needs to route one Service's requests."""
+
+    namespace: str
+    name: str
+    strategy: str
+    endpoints: tuple[Endpoint, ...] = ()
+    generation: int = 0
+    options: Mapping[str, str] = field(default_factory=dict)
+    grpc_services: tuple[str, ...] = ()
+    source: str = ""
+    built_unix_nanos: int = 0
+
+    def __post_init__(self) -> None:
+        service_key(self.namespace, self.name)  # validates both
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; known: {', '.join(STRATEGIES)}")
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(f"{self.namespace}/{self.name}")
+
+    @property
+    def eligible(self) -> tuple[Endpoint, ...]:
+        return tuple(e for e in self.endpoints if e.eligible)
+
+    def probabilities(self) -> dict[str, Fraction]:
+        """Exact share of new requests per endpoint (``host:port``) under this set's strategy."""
+        eligible = self.eligible
+        if not eligible:
+            return {}
+        if self.strategy in ("round_robin", "random"):
+            return {e.hostport: Fraction(1, len(eligible)) for e in eligible}
+        total = sum(e.weight for e in eligible)
+        return {e.hostport: Fraction(e.weight, total) for e in eligible}
+
+    def same_content(self, other: BackendSet | None) -> bool:
+        """True when only bookkeeping (generation, build time) differs."""
+        if other is None:
+            return False
+        bookkeeping = {"generation": 0, "built_unix_nanos": 0}
+        return replace(self, **bookkeeping) == replace(other, **bookkeeping)
+
+
+def encode(backend_set: BackendSet) -> bytes:
+    """Serialize to the protobuf wire format stored in etcd (deterministic)."""
+    msg = pb.BackendSet(
+        namespace=backend_set.namespace,
+        name=backend_set.name,
+        strategy=backend_set.strategy,
+        endpoints=[
+            pb.Endpoint(
+                address=e.address,
+                port=e.port,
+                weight=e.weight,
+                zone=e.zone,
+                pod=e.pod,
+                node=e.node,
+                serving=e.serving,
+                terminating=e.terminating,
+            )
+            for e in backend_set.endpoints
+        ],
+        generation=backend_set.generation,
+        options=dict(backend_set.options),
+        grpc_services=list(backend_set.grpc_services),
+        source=backend_set.source,
+        built_unix_nanos=backend_set.built_unix_nanos,
+    )
+    return msg.SerializeToString(deterministic=True)
+
+
+def decode(data: bytes) -> BackendSet:
+    """Parse a stored value; raises :class:`DecodeError` for anything that is not a valid set."""
+    msg = pb.BackendSet()
+    try:
+        msg.ParseFromString(data)
+        return BackendSet(
+            namespace=msg.namespace,
+            name=msg.name,
+            strategy=msg.strategy,
+            endpoints=tuple(
+                Endpoint(
+                    address=e.address,
+                    port=e.port,
+                    weight=e.weight,
+                    zone=e.zone,
+                    pod=e.pod,
+                    node=e.node,
+                    serving=e.serving,
+                    terminating=e.terminating,
+                )
+                for e in msg.endpoints
+            ),
+            generation=msg.generation,
+            options=dict(msg.options),
+            grpc_services=tuple(msg.grpc_services),
+            source=msg.source,
+            built_unix_nanos=msg.built_unix_nanos,
+        )
+    except (_ProtoDecodeError, ValueError) as exc:
+        raise DecodeError(f"not a valid BackendSet: {exc}") from exc

@@ -1,0 +1,200 @@
+"""wbctl — read and write Weighbridge backend sets in etcd.
+
+    wbctl get [NAMESPACE/NAME] [-o table|json]
+    wbctl put NAMESPACE/NAME --strategy S --endpoint HOST:PORT[=WEIGHT] ...
+    wbctl delete NAMESPACE/NAME
+
+``put`` writes a set by hand: for running proxies without Kubernetes, and for tests. While
+a controller manages the same Service it will overwrite the hand-written set on its next sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from weighbridge import etcd as store
+from weighbridge.errors import WeighbridgeError
+from weighbridge.keys import DEFAULT_PREFIX, KeyScheme, parse_service_key
+from weighbridge.model import STRATEGIES, BackendSet, Endpoint
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """``HOST:PORT[=WEIGHT]``; IPv6 hosts in brackets: ``[::1]:50051=3``."""
+    hostport, _, weight = text.partition("=")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"endpoint {text!r} is not HOST:PORT[=WEIGHT]")
+    if weight and not weight.isdigit():
+        raise ValueError(f"endpoint {text!r}: weight must be a whole number >= 0")
+    return Endpoint(address=host.strip("[]"), port=int(port), weight=int(weight or 1))
+
+
+def set_to_json(stored: store.StoredSet) -> dict[str, Any]:
+    if stored.backend_set is None:
+        return {"service": stored.key, "modRevision": stored.mod_revision, "error": str(stored.error)}
+    bs = stored.backend_set
+    probabilities = bs.probabilities()
+    return {
+        "service": bs.key,
+        "strategy": bs.strategy,
+        "generation": bs.generation,
+        "modRevision": stored.mod_revision,
+        "source": bs.source,
+        "grpcServices": list(bs.grpc_services),
+        "options": dict(bs.options),
+        "endpoints": [
+            {
+                "address": e.address,
+                "port": e.port,
+                "weight": e.weight,
+                "share": float(probabilities.get(e.hostport, 0)),
+                "zone": e.zone,
+                "pod": e.pod,
+                "node": e.node,
+                "serving": e.serving,
+                "terminating": e.terminating,
+            }
+            for e in bs.endpoints
+        ],
+    }
+
+
+def print_table(sets: Sequence[store.StoredSet], out: TextIO) -> None:
+    rows = [("SERVICE", "STRATEGY", "GEN", "ENDPOINTS", "ELIGIBLE", "REVISION", "SOURCE")]
+    for s in sets:
+        if s.backend_set is None:
+            rows.append((s.key, "<invalid>", "-", "-", "-", str(s.mod_revision), str(s.error)))
+            continue
+        bs = s.backend_set
+        rows.append((
+            bs.key, bs.strategy, str(bs.generation), str(len(bs.endpoints)),
+            str(len(bs.eligible)), str(s.mod_revision), bs.source,
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+def print_endpoints(stored: store.StoredSet, out: TextIO) -> None:
+    print_table([stored], out)
+    if stored.backend_set is None:
+        return
+    out.write("\n")
+    probabilities = stored.backend_set.probabilities()
+    rows = [("ENDPOINT", "WEIGHT", "SHARE", "SERVING", "TERMINATING", "ZONE", "POD")]
+    for e in stored.backend_set.endpoints:
+        share = probabilities.get(e.hostport)
+        rows.append((
+            e.hostport, str(e.weight), f"{float(share):.2%}" if share else "-",
+            str(e.serving).lower(), str(e.terminating).lower(), e.zone or "-", e.pod or "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+async def run(args: argparse.Namespace, out: TextIO) -> int:
+    scheme = KeyScheme(args.prefix)
+    etcd = store.client(args.etcd)
+    try:
+        if args.command == "get":
+            if args.service:
+                found = await store.get_set(etcd, scheme, parse_service_key(args.service))
+                if found is None:
+                    sys.stderr.write(f"wbctl: no backend set for {args.service}\n")
+                    return 1
+                if args.output == "json":
+                    out.write(json.dumps(set_to_json(found), indent=2) + "\n")
+                else:
+                    print_endpoints(found, out)
+                return 0
+            revision, sets = await store.list_sets(etcd, scheme)
+            if args.output == "json":
+                doc = {"revision": revision, "items": [set_to_json(s) for s in sets]}
+                out.write(json.dumps(doc, indent=2) + "\n")
+            else:
+                print_table(sets, out)
+            return 0
+        if args.command == "put":
+            key = parse_service_key(args.service)
+            namespace, name = key.split("/")
+            previous = await store.get_set(etcd, scheme, key)
+            generation = 1
+            if previous is not None and previous.backend_set is not None:
+                generation = previous.backend_set.generation + 1
+            backend_set = BackendSet(
+                namespace=namespace,
+                name=name,
+                strategy=args.strategy,
+                endpoints=tuple(parse_endpoint(e) for e in args.endpoint),
+                generation=generation,
+                grpc_services=tuple(args.grpc_service),
+                source="wbctl",
+                built_unix_nanos=time.time_ns(),
+            )
+            revision = await store.put_set(etcd, scheme, backend_set)
+            out.write(f"{key}: generation {generation} written at revision {revision}\n")
+            return 0
+        if args.command == "delete":
+            key = parse_service_key(args.service)
+            if not await store.delete_set(etcd, scheme, key):
+                sys.stderr.write(f"wbctl: no backend set for {key}\n")
+                return 1
+            out.write(f"{key}: deleted\n")
+            return 0
+        raise AssertionError(args.command)
+    finally:
+        await etcd.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wbctl", description="Read and write Weighbridge backend sets in etcd.")
+    p.add_argument(
+        "--etcd",
+        default=os.environ.get("WEIGHBRIDGE_ETCD", store.DEFAULT_ENDPOINT),
+        help="etcd endpoints HOST:PORT[,HOST:PORT] (default: $WEIGHBRIDGE_ETCD or %(default)s)",
+    )
+    p.add_argument(
+        "--prefix",
+        default=os.environ.get("WEIGHBRIDGE_PREFIX", DEFAULT_PREFIX),
+        help="etcd key prefix (default: $WEIGHBRIDGE_PREFIX or %(default)s)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    get = sub.add_parser("get", help="show one backend set with its endpoints, or list them all")
+    get.add_argument("service", nargs="?", metavar="NAMESPACE/NAME")
+    get.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    put = sub.add_parser("put", help="write a backend set by hand")
+    put.add_argument("service", metavar="NAMESPACE/NAME")
+    put.add_argument("--strategy", required=True, choices=STRATEGIES)
+    put.add_argument(
+        "--endpoint", action="append", default=[], metavar="HOST:PORT[=WEIGHT]",
+        help="a backend; repeat for each (weight defaults to 1)",
+    )
+    put.add_argument(
+        "--grpc-service", action="append", default=[], metavar="PACKAGE.SERVICE",
+        help="a gRPC service name proxies may route to this set; repeatable",
+    )
+    delete = sub.add_parser("delete", help="delete a backend set")
+    delete.add_argument("service", metavar="NAMESPACE/NAME")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = asyncio.run(run(args, sys.stdout))
+    except (WeighbridgeError, ValueError) as exc:
+        sys.stderr.write(f"wbctl: {exc}\n")
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
