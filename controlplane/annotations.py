@@ -55,7 +55,7 @@ _SET_REQ = re.compile(r"^(?P<key>\S+)\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\
 
 @dataclass(frozen=True, slots=True)
 class Requirement:
-    """One label-selector requirement (``key=value``, ``key!=v``, ``key in (a,b)``, ``key``, ``!key``)."""
+    """One label-selector requirement: ``k=v``, ``k!=v``, ``k in (a,b)``, ``k``, ``!k``."""
 
     key: str
     op: str  # "in", "notin", "exists", "!exists"
@@ -189,7 +189,8 @@ def parse_weights(text: str) -> WeightSpec:
         target, value = target.strip(), value.strip()
         if not sep or not target or not value:
             raise AnnotationError(
-                "InvalidWeights", f"{WEIGHTS}: {entry!r} is not 'TARGET: VALUE' (e.g. 'version=v1: 90%')"
+                "InvalidWeights",
+                f"{WEIGHTS}: {entry!r} is not 'TARGET: VALUE' (e.g. 'version=v1: 90%')",
             )
         if target.startswith("pod/"):
             pod = target[4:].strip()
@@ -237,7 +238,12 @@ def _parse_share(text: str, entry: str) -> Fraction:
         value = Decimal(text)
     except InvalidOperation:
         value = Decimal("NaN")
-    if not value.is_finite() or value < 0 or value > MAX_WEIGHT or not re.fullmatch(r"\d+(\.\d{1,4})?", text):
+    if (
+        not value.is_finite()
+        or value < 0
+        or value > MAX_WEIGHT
+        or not re.fullmatch(r"\d+(\.\d{1,4})?", text)
+    ):
         raise AnnotationError(
             "InvalidWeights",
             f"{WEIGHTS}: share {text!r} in {entry!r} is not a number from 0 to {MAX_WEIGHT} "
@@ -257,7 +263,9 @@ def parse_selector(text: str) -> Selector:
 
 
 def _split_requirements(text: str) -> list[str]:
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "(":
             depth += 1

@@ -55,7 +55,8 @@ def select_port(service: Obj, wanted: str | None) -> tuple[str, int]:
                 return p.get("name") or "", int(p["port"])
         names = ", ".join(f"{p.get('name') or '<unnamed>'}={p.get('port')}" for p in ports)
         raise AnnotationError(
-            "InvalidPort", f"weighbridge.io/port: Service has no port {wanted!r} (ports: {names or 'none'})"
+            "InvalidPort",
+            f"weighbridge.io/port: Service has no port {wanted!r} (ports: {names or 'none'})",
         )
     if len(ports) == 1:
         return ports[0].get("name") or "", int(ports[0]["port"])

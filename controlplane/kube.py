@@ -43,9 +43,9 @@ class Kube:
         """Load ``kubeconfig`` (or in-cluster config when None and running in a Pod)."""
         configuration = k8s_client.Configuration()
         if kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ:
-            k8s_config.load_incluster_config(client_configuration=configuration)
+            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         else:
-            await k8s_config.load_kube_config(
+            await k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=kubeconfig, context=context, client_configuration=configuration
             )
         return cls(k8s_client.ApiClient(configuration))
@@ -90,8 +90,12 @@ class Kube:
     ) -> Obj:
         """One request; returns the decoded JSON body; raises KubeError on any failure."""
         resp = await self._send(
-            method, path, query=query, body=body,
-            timeout=aiohttp.ClientTimeout(total=timeout), content_type=content_type,
+            method,
+            path,
+            query=query,
+            body=body,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            content_type=content_type,
         )
         try:
             raw = await resp.read()
@@ -117,7 +121,11 @@ class Kube:
         """
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=idle_timeout)
         resp = await self._send(
-            "GET", path, query={**query, "watch": "true"}, body=None, timeout=timeout,
+            "GET",
+            path,
+            query={**query, "watch": "true"},
+            body=None,
+            timeout=timeout,
             content_type="application/json",
         )
         try:
@@ -126,7 +134,8 @@ class Kube:
                 doc = json.loads(raw) if raw else {}
                 raise KubeError(
                     f"watch {path}: {resp.status} {doc.get('message', resp.reason)}",
-                    status=resp.status, reason=str(doc.get("reason", "")),
+                    status=resp.status,
+                    reason=str(doc.get("reason", "")),
                 )
             yield _events(resp.response, path)
         finally:

@@ -64,7 +64,7 @@ class WorkQueue(Generic[K]):
         """Re-add after a failure, with exponential backoff; returns the delay used."""
         failures = self._failures.get(key, 0)
         self._failures[key] = failures + 1
-        delay = min(self.base_delay * 2**failures, self.max_delay)
+        delay: float = min(self.base_delay * 2.0**failures, self.max_delay)
         self.add_after(key, delay)
         return delay
 

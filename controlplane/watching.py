@@ -99,6 +99,12 @@ class Informer:
                 self._error(exc)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 5.0)
+            except Exception as exc:  # a bug or a malformed object: never kill the informer
+                self.log.exception("watch_crashed")
+                self._error(exc)
+                need_list = True
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
 
     def _error(self, exc: Exception) -> None:
         self.log.warning("watch_failed", error=str(exc))
@@ -110,7 +116,8 @@ class Informer:
         cont: str | None = None
         while True:
             page = await self.kube.request(
-                "GET", self.resource.path,
+                "GET",
+                self.resource.path,
                 query={"limit": self.page_size, "continue": cont},
                 timeout=60.0,
             )
@@ -123,9 +130,9 @@ class Informer:
                 self.resource_version = str(meta.get("resourceVersion", ""))
                 break
         old_store, self.store = self.store, fresh
-        for key, old in old_store.items():
+        for key, gone in old_store.items():
             if key not in fresh:
-                self.handler(key, old, None)
+                self.handler(key, gone, None)
         for key, new in fresh.items():
             old = old_store.get(key)
             if old is None or _rv(old) != _rv(new):

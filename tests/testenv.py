@@ -31,10 +31,16 @@ ADMIN_TOKEN = "weighbridge-test-admin-token"
 
 def build(target: str) -> Path:
     """Path to the cached binary for ``target``, building it first when missing."""
-    out = subprocess.run(
-        [str(ROOT / "scripts" / "build-testbin"), target],
-        check=True, stdout=subprocess.PIPE, text=True,
-    ).stdout.strip().splitlines()
+    out = (
+        subprocess.run(
+            [str(ROOT / "scripts" / "build-testbin"), target],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     return Path(out[-1])
 
 
@@ -44,7 +50,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(what: str, check: object, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+def _wait(
+    what: str, check: object, proc: subprocess.Popen[bytes], log: Path, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -89,7 +97,9 @@ class Etcd:
                     "--log-level=warn",
                     "--unsafe-no-fsync",
                 ],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         _wait(f"etcd {self.name}", self._healthy, self.proc, self.log, timeout)
 
@@ -140,10 +150,14 @@ class KubeAPIServer:
         (self.dir / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,admin-uid,"system:masters"\n')
         key, pub = self.dir / "sa.key", self.dir / "sa.pub"
         if not key.exists():
-            subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True,
-                           capture_output=True)
-            subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True
+            )
+            subprocess.run(
+                ["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)],
+                check=True,
+                capture_output=True,
+            )
 
     def start(self, timeout: float = 90) -> None:
         with self.log.open("ab") as log:
@@ -169,7 +183,9 @@ class KubeAPIServer:
                     "--profiling=false",
                     "--v=0",
                 ],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         _wait("kube-apiserver", self._ready, self.proc, self.log, timeout)
         self._write_kubeconfig()
@@ -189,16 +205,29 @@ class KubeAPIServer:
 
     def _write_kubeconfig(self) -> None:
         ca = self.dir / "certs" / "apiserver.crt"
-        self.kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "weighbridge-test", "cluster": {
-                "server": self.url, "certificate-authority": str(ca)}}],
-            "users": [{"name": "admin", "user": {"token": ADMIN_TOKEN}}],
-            "contexts": [{"name": "weighbridge-test", "context": {
-                "cluster": "weighbridge-test", "user": "admin"}}],
-            "current-context": "weighbridge-test",
-        }, indent=2))
+        self.kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {
+                            "name": "weighbridge-test",
+                            "cluster": {"server": self.url, "certificate-authority": str(ca)},
+                        }
+                    ],
+                    "users": [{"name": "admin", "user": {"token": ADMIN_TOKEN}}],
+                    "contexts": [
+                        {
+                            "name": "weighbridge-test",
+                            "context": {"cluster": "weighbridge-test", "user": "admin"},
+                        }
+                    ],
+                    "current-context": "weighbridge-test",
+                },
+                indent=2,
+            )
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -95,8 +95,9 @@ class BackendSet:
         """True when only bookkeeping (generation, build time) differs."""
         if other is None:
             return False
-        bookkeeping = {"generation": 0, "built_unix_nanos": 0}
-        return replace(self, **bookkeeping) == replace(other, **bookkeeping)
+        return replace(self, generation=0, built_unix_nanos=0) == replace(
+            other, generation=0, built_unix_nanos=0
+        )
 
 
 def encode(backend_set: BackendSet) -> bytes:

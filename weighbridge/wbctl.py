@@ -38,7 +38,11 @@ def parse_endpoint(text: str) -> Endpoint:
 
 def set_to_json(stored: store.StoredSet) -> dict[str, Any]:
     if stored.backend_set is None:
-        return {"service": stored.key, "modRevision": stored.mod_revision, "error": str(stored.error)}
+        return {
+            "service": stored.key,
+            "modRevision": stored.mod_revision,
+            "error": str(stored.error),
+        }
     bs = stored.backend_set
     probabilities = bs.probabilities()
     return {
@@ -73,10 +77,17 @@ def print_table(sets: Sequence[store.StoredSet], out: TextIO) -> None:
             rows.append((s.key, "<invalid>", "-", "-", "-", str(s.mod_revision), str(s.error)))
             continue
         bs = s.backend_set
-        rows.append((
-            bs.key, bs.strategy, str(bs.generation), str(len(bs.endpoints)),
-            str(len(bs.eligible)), str(s.mod_revision), bs.source,
-        ))
+        rows.append(
+            (
+                bs.key,
+                bs.strategy,
+                str(bs.generation),
+                str(len(bs.endpoints)),
+                str(len(bs.eligible)),
+                str(s.mod_revision),
+                bs.source,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
@@ -91,10 +102,17 @@ def print_endpoints(stored: store.StoredSet, out: TextIO) -> None:
     rows = [("ENDPOINT", "WEIGHT", "SHARE", "SERVING", "TERMINATING", "ZONE", "POD")]
     for e in stored.backend_set.endpoints:
         share = probabilities.get(e.hostport)
-        rows.append((
-            e.hostport, str(e.weight), f"{float(share):.2%}" if share else "-",
-            str(e.serving).lower(), str(e.terminating).lower(), e.zone or "-", e.pod or "-",
-        ))
+        rows.append(
+            (
+                e.hostport,
+                str(e.weight),
+                f"{float(share):.2%}" if share else "-",
+                str(e.serving).lower(),
+                str(e.terminating).lower(),
+                e.zone or "-",
+                e.pod or "-",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
@@ -155,7 +173,9 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wbctl", description="Read and write Weighbridge backend sets in etcd.")
+    p = argparse.ArgumentParser(
+        prog="wbctl", description="Read and write Weighbridge backend sets in etcd."
+    )
     p.add_argument(
         "--etcd",
         default=os.environ.get("WEIGHBRIDGE_ETCD", store.DEFAULT_ENDPOINT),
@@ -174,11 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("service", metavar="NAMESPACE/NAME")
     put.add_argument("--strategy", required=True, choices=STRATEGIES)
     put.add_argument(
-        "--endpoint", action="append", default=[], metavar="HOST:PORT[=WEIGHT]",
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="HOST:PORT[=WEIGHT]",
         help="a backend; repeat for each (weight defaults to 1)",
     )
     put.add_argument(
-        "--grpc-service", action="append", default=[], metavar="PACKAGE.SERVICE",
+        "--grpc-service",
+        action="append",
+        default=[],
+        metavar="PACKAGE.SERVICE",
         help="a gRPC service name proxies may route to this set; repeatable",
     )
     delete = sub.add_parser("delete", help="delete a backend set")

@@ -1,0 +1,1 @@
+"""Weighbridge's control plane: Kubernetes Services in, weighted backend sets in etcd out."""

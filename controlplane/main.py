@@ -1,0 +1,182 @@
+"""weighbridge-controller: annotated Kubernetes Services → weighted backend sets in etcd."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Sequence
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from controlplane.kube import Kube
+from controlplane.metrics import Metrics
+from controlplane.reconciling import Controller
+from weighbridge import etcd as store
+from weighbridge.keys import DEFAULT_PREFIX, KeyScheme
+from weighbridge.logs import configure
+
+log = structlog.get_logger("controlplane")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="weighbridge-controller",
+        description="Watch annotated Kubernetes Services and publish their weighted backend "
+        "sets to etcd. Run two or more replicas: one leads and writes, the others stand by.",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=env("KUBECONFIG"),
+        help="kubeconfig path (default: $KUBECONFIG, else in-cluster config)",
+    )
+    p.add_argument("--context", default=None, help="kubeconfig context (default: current)")
+    p.add_argument(
+        "--etcd",
+        default=env("WEIGHBRIDGE_ETCD", store.DEFAULT_ENDPOINT),
+        help="etcd endpoints HOST:PORT[,HOST:PORT] (default: $WEIGHBRIDGE_ETCD or %(default)s)",
+    )
+    p.add_argument(
+        "--prefix",
+        default=env("WEIGHBRIDGE_PREFIX", DEFAULT_PREFIX),
+        help="etcd key prefix (default: %(default)s)",
+    )
+    p.add_argument(
+        "--source",
+        choices=("endpointslices", "endpoints"),
+        default="endpointslices",
+        help="where endpoints come from: discovery.k8s.io/v1 EndpointSlices "
+        "(default) or the deprecated v1 Endpoints",
+    )
+    p.add_argument(
+        "--id",
+        default=env("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
+        help="this replica's identity in leader election (default: $POD_NAME or host-random)",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=10,
+        help="leader lease TTL, seconds: failover time after a leader dies (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resync",
+        type=float,
+        default=300.0,
+        help="seconds between full resyncs that also remove stale keys (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="Services reconciled concurrently; never two for one Service (default: %(default)s)",
+    )
+    p.add_argument(
+        "--admin-listen",
+        default="0.0.0.0:9401",
+        help="gRPC health and reflection (default: %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default="0.0.0.0:9402",
+        help="Prometheus metrics over HTTP at /metrics (default: %(default)s)",
+    )
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
+    return p
+
+
+def _split(hostport: str) -> tuple[str, int]:
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def run(args: argparse.Namespace) -> None:
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = Metrics(registry)
+    host, port = _split(args.metrics_listen)
+    metrics_server, metrics_thread = start_http_server(port, addr=host, registry=registry)
+
+    health_servicer = health_aio.HealthServicer()
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    server.add_insecure_port(args.admin_listen)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    kube = await Kube.connect(args.kubeconfig, args.context)
+    etcd = store.client(args.etcd)
+    controller = Controller(
+        kube=kube,
+        etcd=etcd,
+        scheme=KeyScheme(args.prefix),
+        identity=args.id,
+        metrics=metrics,
+        source=args.source,
+        lease_ttl=args.lease_ttl,
+        resync_interval=args.resync,
+        workers=args.workers,
+    )
+    structlog.contextvars.bind_contextvars(component="controller", identity=args.id)
+    log.info(
+        "starting",
+        etcd=args.etcd,
+        prefix=args.prefix,
+        source=args.source,
+        admin=args.admin_listen,
+        metrics=args.metrics_listen,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(controller.run())
+
+    async def mark_serving() -> None:
+        await controller.synced.wait()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    ready = asyncio.create_task(mark_serving())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("stopping")
+    await health_servicer.enter_graceful_shutdown()
+    for t in (task, ready, stopper):
+        t.cancel()
+    for t in (task, ready, stopper):
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+    await server.stop(grace=2)
+    await etcd.close()
+    await kube.close()
+    metrics_server.shutdown()
+    metrics_thread.join(timeout=2)
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure(level=args.log_level, fmt=args.log_format)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(args))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
