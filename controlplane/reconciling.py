@@ -83,7 +83,8 @@ class Controller:
         self.informers = (self.services, self.endpoints, self.pods)
 
         self.queue: WorkQueue[ServiceKey] = WorkQueue()
-        self.published: dict[ServiceKey, BackendSet] = {}
+        self.published: dict[ServiceKey, BackendSet | None] = {}
+        """What etcd holds, as far as this leader knows; None for a value it cannot decode."""
         self._slices_of: dict[ServiceKey, set[str]] = {}
         self._services_of_pod: dict[str, set[ServiceKey]] = {}
         self._pods_of: dict[ServiceKey, set[str]] = {}
@@ -144,13 +145,9 @@ class Controller:
     async def resync(self) -> None:
         """Re-read etcd and queue every Service we manage or find there (stale keys go)."""
         revision, stored = await list_sets(self.etcd, self.scheme)
-        self.published = {s.key: s.backend_set for s in stored if s.backend_set is not None}
+        self.published = {s.key: s.backend_set for s in stored}
         keys = {ServiceKey(k) for k, svc in self.services.store.items() if _opted_in(svc)}
         keys.update(s.key for s in stored)
-        for s in stored:
-            if s.backend_set is None:  # undecodable: rewrite or delete it
-                self.published.pop(s.key, None)
-                self._enqueue(s.key)
         for key in keys:
             self._enqueue(key)
         self.metrics.backend_sets.set(len(self.published))
