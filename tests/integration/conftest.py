@@ -171,3 +171,24 @@ async def running_controller(
 def metric(controller: Controller, name: str, **labels: str) -> float:
     value = controller.metrics.registry.get_sample_value(name, labels or None)
     return 0.0 if value is None else value
+
+
+@pytest.fixture
+def private_etcd(tmp_path: Path) -> Iterator[testenv.Etcd]:
+    """An etcd of this test's own, to stop and restart."""
+    server = testenv.Etcd(tmp_path, "private-etcd")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_apiserver(tmp_path: Path) -> Iterator[testenv.KubeAPIServer]:
+    """A kube-apiserver (and its etcd) of this test's own, to stop and restart."""
+    kube_etcd = testenv.Etcd(tmp_path, "private-kube-etcd")
+    kube_etcd.start()
+    server = testenv.KubeAPIServer(tmp_path, kube_etcd, "private-kube-apiserver")
+    server.start()
+    yield server
+    server.stop()
+    kube_etcd.stop()
