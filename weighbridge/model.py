@@ -37,7 +37,10 @@ class Endpoint:
     terminating: bool = False
 
     def __post_init__(self) -> None:
-        ipaddress.ip_address(self.address)  # raises ValueError for anything but an IP
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise ValueError(f"endpoint address {self.address!r} is not an IP address") from None
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} out of range 1-65535")
         if not 0 <= self.weight <= MAX_WEIGHT:

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from controlplane.kube import Kube, KubeError
 from controlplane.metrics import Metrics
 from controlplane.reconciling import Controller, Source
-from tests import testenv
+from devtools import testenv
 from tests.integration import kubeobjects as ko
 from weighbridge import etcd as store
 from weighbridge.keys import KeyScheme, ServiceKey
@@ -70,11 +70,19 @@ class Cluster:
         self.ns = namespace
 
     async def create(self, obj: ko.Obj) -> ko.Obj:
-        return await self.kube.request("POST", ko.collection(obj["kind"], obj["metadata"]["namespace"]), body=obj)
+        return await self.kube.request(
+            "POST", ko.collection(obj["kind"], obj["metadata"]["namespace"]), body=obj
+        )
 
     async def replace(self, obj: ko.Obj) -> ko.Obj:
         current = await self.kube.request("GET", ko.item(obj))
-        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
+        obj = {
+            **obj,
+            "metadata": {
+                **obj["metadata"],
+                "resourceVersion": current["metadata"]["resourceVersion"],
+            },
+        }
         return await self.kube.request("PUT", ko.item(obj), body=obj)
 
     async def patch(self, kind: str, name: str, patch: dict[str, Any]) -> ko.Obj:
@@ -91,7 +99,8 @@ class Cluster:
 
     async def events(self, service: str) -> list[ko.Obj]:
         doc = await self.kube.request(
-            "GET", ko.collection("Event", self.ns),
+            "GET",
+            ko.collection("Event", self.ns),
             query={"fieldSelector": f"involvedObject.name={service},involvedObject.kind=Service"},
         )
         return list(doc.get("items") or [])
@@ -152,8 +161,13 @@ async def running_controller(
     kube = await Kube.connect(str(kubeconfig))
     etcd = store.client(etcd_endpoint)
     controller = Controller(
-        kube=kube, etcd=etcd, scheme=scheme, identity=identity,
-        metrics=Metrics(CollectorRegistry()), source=source, lease_ttl=lease_ttl,
+        kube=kube,
+        etcd=etcd,
+        scheme=scheme,
+        identity=identity,
+        metrics=Metrics(CollectorRegistry()),
+        source=source,
+        lease_ttl=lease_ttl,
         resync_interval=resync_interval,
     )
     task = asyncio.create_task(controller.run())

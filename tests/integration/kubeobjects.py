@@ -33,13 +33,21 @@ def service(
     }
 
 
-def pod(ns: str, name: str, labels: Mapping[str, str] | None = None,
-        annotations: Mapping[str, str] | None = None) -> Obj:
+def pod(
+    ns: str,
+    name: str,
+    labels: Mapping[str, str] | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": dict(labels or {}),
-                     "annotations": dict(annotations or {})},
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": dict(labels or {}),
+            "annotations": dict(annotations or {}),
+        },
         "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
     }
 
@@ -56,8 +64,9 @@ class Ep:
     zone: str = "zone-a"
 
 
-def endpoint_slice(ns: str, svc: str, name: str, endpoints: Iterable[Ep],
-                   port: tuple[str, int] = ("grpc", 50051)) -> Obj:
+def endpoint_slice(
+    ns: str, svc: str, name: str, endpoints: Iterable[Ep], port: tuple[str, int] = ("grpc", 50051)
+) -> Obj:
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -74,7 +83,11 @@ def endpoint_slice(ns: str, svc: str, name: str, endpoints: Iterable[Ep],
         "endpoints": [
             {
                 "addresses": [e.ip],
-                "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
+                "conditions": {
+                    "ready": e.ready,
+                    "serving": e.serving,
+                    "terminating": e.terminating,
+                },
                 "zone": e.zone,
                 **({"targetRef": {"kind": "Pod", "name": e.pod, "namespace": ns}} if e.pod else {}),
             }
@@ -83,20 +96,30 @@ def endpoint_slice(ns: str, svc: str, name: str, endpoints: Iterable[Ep],
     }
 
 
-def endpoints(ns: str, svc: str, ready: Iterable[Ep], not_ready: Iterable[Ep] = (),
-              port: tuple[str, int] = ("grpc", 50051)) -> Obj:
+def endpoints(
+    ns: str,
+    svc: str,
+    ready: Iterable[Ep],
+    not_ready: Iterable[Ep] = (),
+    port: tuple[str, int] = ("grpc", 50051),
+) -> Obj:
     def addr(e: Ep) -> Obj:
-        return {"ip": e.ip, **({"targetRef": {"kind": "Pod", "name": e.pod, "namespace": ns}} if e.pod else {})}
+        return {
+            "ip": e.ip,
+            **({"targetRef": {"kind": "Pod", "name": e.pod, "namespace": ns}} if e.pod else {}),
+        }
 
     return {
         "apiVersion": "v1",
         "kind": "Endpoints",
         "metadata": {"name": svc, "namespace": ns},
-        "subsets": [{
-            "addresses": [addr(e) for e in ready],
-            "notReadyAddresses": [addr(e) for e in not_ready],
-            "ports": [{"name": port[0], "port": port[1], "protocol": "TCP"}],
-        }],
+        "subsets": [
+            {
+                "addresses": [addr(e) for e in ready],
+                "notReadyAddresses": [addr(e) for e in not_ready],
+                "ports": [{"name": port[0], "port": port[1], "protocol": "TCP"}],
+            }
+        ],
     }
 
 

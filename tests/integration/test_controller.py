@@ -7,7 +7,7 @@ from fractions import Fraction
 import aetcd
 import pytest
 
-from tests import testenv
+from devtools import testenv
 from tests.integration import kubeobjects as ko
 from tests.integration.conftest import Cluster, eventually, metric, running_controller, stored_set
 from weighbridge import etcd as store
@@ -25,7 +25,10 @@ def shares_by_pod(bs: BackendSet) -> dict[str, Fraction]:
 
 
 async def test_150_endpoints_over_two_slices_make_one_set(
-    k8s: Cluster, etcd: aetcd.Client, scheme: KeyScheme, apiserver: testenv.KubeAPIServer,
+    k8s: Cluster,
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    apiserver: testenv.KubeAPIServer,
     etcd_server: testenv.Etcd,
 ) -> None:
     await k8s.create(ko.service(k8s.ns, "api", {"weighbridge.io/strategy": "round_robin"}))
@@ -48,7 +51,9 @@ async def test_150_endpoints_over_two_slices_make_one_set(
     assert set(bs.probabilities().values()) == {Fraction(1, 150)}
 
 
-async def _pods_and_slice(k8s: Cluster, svc: str, versions: list[str], weights: dict[int, str] | None = None) -> None:
+async def _pods_and_slice(
+    k8s: Cluster, svc: str, versions: list[str], weights: dict[int, str] | None = None
+) -> None:
     eps = []
     for i, version in enumerate(versions):
         name = f"{svc}-{i}"
@@ -60,8 +65,13 @@ async def _pods_and_slice(k8s: Cluster, svc: str, versions: list[str], weights: 
 
 @pytest.mark.parametrize(("v1", "v2"), [(9, 1), (1, 9)])
 async def test_group_weights_hold_90_10_whatever_the_replica_count(
-    v1: int, v2: int, k8s: Cluster, etcd: aetcd.Client, scheme: KeyScheme,
-    apiserver: testenv.KubeAPIServer, etcd_server: testenv.Etcd,
+    v1: int,
+    v2: int,
+    k8s: Cluster,
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    apiserver: testenv.KubeAPIServer,
+    etcd_server: testenv.Etcd,
 ) -> None:
     annotations = {**WRR, "weighbridge.io/weights": "version=v1: 90%\nversion=v2: 10%"}
     await k8s.create(ko.service(k8s.ns, "shop", annotations))
@@ -84,8 +94,11 @@ async def test_group_weights_hold_90_10_whatever_the_replica_count(
 
 
 async def test_per_pod_weights_from_pod_annotation_and_service_annotation(
-    k8s: Cluster, etcd: aetcd.Client, scheme: KeyScheme,
-    apiserver: testenv.KubeAPIServer, etcd_server: testenv.Etcd,
+    k8s: Cluster,
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    apiserver: testenv.KubeAPIServer,
+    etcd_server: testenv.Etcd,
 ) -> None:
     await k8s.create(ko.service(k8s.ns, "db", {**WRR, "weighbridge.io/weights": "pod/db-2: 5"}))
     await _pods_and_slice(k8s, "db", ["v1", "v1", "v1"], weights={1: "3"})
@@ -95,7 +108,11 @@ async def test_per_pod_weights_from_pod_annotation_and_service_annotation(
             lambda s: s is not None and len(s.endpoints) == 3,
         )
         assert bs is not None
-        assert shares_by_pod(bs) == {"db-0": Fraction(1, 9), "db-1": Fraction(3, 9), "db-2": Fraction(5, 9)}
+        assert shares_by_pod(bs) == {
+            "db-0": Fraction(1, 9),
+            "db-1": Fraction(3, 9),
+            "db-2": Fraction(5, 9),
+        }
         # The Pod annotation follows the pod: changing it changes the set.
         await k8s.annotate("Pod", "db-0", **{"weighbridge.io/weight": "0"})
         bs = await eventually(
@@ -107,15 +124,25 @@ async def test_per_pod_weights_from_pod_annotation_and_service_annotation(
 
 
 async def test_not_serving_and_terminating_endpoints_get_no_new_traffic(
-    k8s: Cluster, etcd: aetcd.Client, scheme: KeyScheme,
-    apiserver: testenv.KubeAPIServer, etcd_server: testenv.Etcd,
+    k8s: Cluster,
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    apiserver: testenv.KubeAPIServer,
+    etcd_server: testenv.Etcd,
 ) -> None:
     await k8s.create(ko.service(k8s.ns, "web", {"weighbridge.io/strategy": "random"}))
-    await k8s.create(ko.endpoint_slice(k8s.ns, "web", "web-a", [
-        ko.Ep(ko.address(0), zone="zone-a"),
-        ko.Ep(ko.address(1), ready=False, serving=False, zone="zone-b"),
-        ko.Ep(ko.address(2), ready=False, serving=True, terminating=True, zone="zone-c"),
-    ]))
+    await k8s.create(
+        ko.endpoint_slice(
+            k8s.ns,
+            "web",
+            "web-a",
+            [
+                ko.Ep(ko.address(0), zone="zone-a"),
+                ko.Ep(ko.address(1), ready=False, serving=False, zone="zone-b"),
+                ko.Ep(ko.address(2), ready=False, serving=True, terminating=True, zone="zone-c"),
+            ],
+        )
+    )
     async with running_controller(apiserver.kubeconfig, etcd_server.endpoint, scheme):
         bs = await eventually(
             lambda: stored_set(etcd, scheme, f"{k8s.ns}/web"), lambda s: s is not None
@@ -130,53 +157,90 @@ async def test_not_serving_and_terminating_endpoints_get_no_new_traffic(
 
 
 async def test_v1_endpoints_source(
-    k8s: Cluster, etcd: aetcd.Client, scheme: KeyScheme,
-    apiserver: testenv.KubeAPIServer, etcd_server: testenv.Etcd,
+    k8s: Cluster,
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    apiserver: testenv.KubeAPIServer,
+    etcd_server: testenv.Etcd,
 ) -> None:
     await k8s.create(ko.service(k8s.ns, "legacy", WRR))
-    await k8s.create(ko.endpoints(k8s.ns, "legacy", [ko.Ep(ko.address(0)), ko.Ep(ko.address(1))],
-                                  not_ready=[ko.Ep(ko.address(2))]))
-    async with running_controller(apiserver.kubeconfig, etcd_server.endpoint, scheme, source="endpoints"):
-        bs = await eventually(lambda: stored_set(etcd, scheme, f"{k8s.ns}/legacy"), lambda s: s is not None)
+    await k8s.create(
+        ko.endpoints(
+            k8s.ns,
+            "legacy",
+            [ko.Ep(ko.address(0)), ko.Ep(ko.address(1))],
+            not_ready=[ko.Ep(ko.address(2))],
+        )
+    )
+    async with running_controller(
+        apiserver.kubeconfig, etcd_server.endpoint, scheme, source="endpoints"
+    ):
+        bs = await eventually(
+            lambda: stored_set(etcd, scheme, f"{k8s.ns}/legacy"), lambda s: s is not None
+        )
     assert bs is not None
     assert bs.source == "endpoints"
     assert [(e.address, e.serving) for e in bs.endpoints] == [
-        (ko.address(0), True), (ko.address(1), True), (ko.address(2), False)
+        (ko.address(0), True),
+        (ko.address(1), True),
+        (ko.address(2), False),
     ]
 
 
 BAD = [
     ({"weighbridge.io/strategy": "fastest"}, "InvalidStrategy", "'fastest' is not a strategy"),
     ({"weighbridge.io/weights": "version=v1 90%"}, "InvalidWeights", "is not 'TARGET: VALUE'"),
-    ({"weighbridge.io/weights": "version=v1: 90%\nversion=v2: 5%"}, "InvalidWeights", "add up to 95%"),
-    ({"weighbridge.io/weights": "version=v1: 90%\nversion=v2: 10"}, "InvalidWeights", "mix of percentages"),
+    (
+        {"weighbridge.io/weights": "version=v1: 90%\nversion=v2: 5%"},
+        "InvalidWeights",
+        "add up to 95%",
+    ),
+    (
+        {"weighbridge.io/weights": "version=v1: 90%\nversion=v2: 10"},
+        "InvalidWeights",
+        "mix of percentages",
+    ),
     ({"weighbridge.io/weights": "version=v1: -3"}, "InvalidWeights", "is not a number"),
     ({"weighbridge.io/weights": "pod/x: 1.5"}, "InvalidWeights", "is not a whole number"),
     ({"weighbridge.io/port": "http"}, "InvalidPort", "has no port 'http'"),
 ]
 
 
-@pytest.mark.parametrize(("patch", "reason", "message"), BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    ("patch", "reason", "message"), BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)]
+)
 async def test_bad_annotation_gives_event_and_keeps_last_good_set(
-    patch: dict[str, str], reason: str, message: str, k8s: Cluster, etcd: aetcd.Client,
-    scheme: KeyScheme, apiserver: testenv.KubeAPIServer, etcd_server: testenv.Etcd,
+    patch: dict[str, str],
+    reason: str,
+    message: str,
+    k8s: Cluster,
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    apiserver: testenv.KubeAPIServer,
+    etcd_server: testenv.Etcd,
 ) -> None:
     await k8s.create(ko.service(k8s.ns, "good", WRR))
     await k8s.create(ko.service(k8s.ns, "other", WRR))
     await k8s.create(ko.endpoint_slice(k8s.ns, "good", "good-a", [ko.Ep(ko.address(0))]))
     await k8s.create(ko.endpoint_slice(k8s.ns, "other", "other-a", [ko.Ep(ko.address(1))]))
     async with running_controller(apiserver.kubeconfig, etcd_server.endpoint, scheme) as controller:
-        first = await eventually(lambda: stored_set(etcd, scheme, f"{k8s.ns}/good"), lambda s: s is not None)
+        first = await eventually(
+            lambda: stored_set(etcd, scheme, f"{k8s.ns}/good"), lambda s: s is not None
+        )
         await k8s.annotate("Service", "good", **patch)
         events = await eventually(
-            lambda: k8s.events("good"), lambda evs: any(e["reason"] == reason for e in evs),
+            lambda: k8s.events("good"),
+            lambda evs: any(e["reason"] == reason for e in evs),
             what=f"Event {reason}",
         )
         event = next(e for e in events if e["reason"] == reason)
         assert event["type"] == "Warning"
         assert message in event["message"]
         assert event["source"]["component"] == "weighbridge-controller"
-        assert metric(controller, "weighbridge_controller_invalid_annotations_total", reason=reason) >= 1
+        assert (
+            metric(controller, "weighbridge_controller_invalid_annotations_total", reason=reason)
+            >= 1
+        )
         # The last good set stays, while the controller keeps reconciling other Services.
         await k8s.create(ko.endpoint_slice(k8s.ns, "good", "good-b", [ko.Ep(ko.address(5))]))
         await k8s.create(ko.endpoint_slice(k8s.ns, "other", "other-b", [ko.Ep(ko.address(6))]))
@@ -196,41 +260,56 @@ async def test_bad_annotation_gives_event_and_keeps_last_good_set(
 
 
 async def test_bad_pod_weight_names_the_pod(
-    k8s: Cluster, etcd: aetcd.Client, scheme: KeyScheme,
-    apiserver: testenv.KubeAPIServer, etcd_server: testenv.Etcd,
+    k8s: Cluster,
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    apiserver: testenv.KubeAPIServer,
+    etcd_server: testenv.Etcd,
 ) -> None:
     await k8s.create(ko.service(k8s.ns, "svc", WRR))
     await _pods_and_slice(k8s, "svc", ["v1", "v1"], weights={1: "lots"})
     async with running_controller(apiserver.kubeconfig, etcd_server.endpoint, scheme):
         events = await eventually(
-            lambda: k8s.events("svc"), lambda evs: any(e["reason"] == "InvalidPodWeight" for e in evs)
+            lambda: k8s.events("svc"),
+            lambda evs: any(e["reason"] == "InvalidPodWeight" for e in evs),
         )
         assert "pod svc-1" in events[0]["message"]
         assert await stored_set(etcd, scheme, f"{k8s.ns}/svc") is None
         await k8s.annotate("Pod", "svc-1", **{"weighbridge.io/weight": "2"})
-        bs = await eventually(lambda: stored_set(etcd, scheme, f"{k8s.ns}/svc"), lambda s: s is not None)
+        bs = await eventually(
+            lambda: stored_set(etcd, scheme, f"{k8s.ns}/svc"), lambda s: s is not None
+        )
         assert bs is not None
         assert sorted(e.weight for e in bs.endpoints) == [1, 2]
 
 
 async def test_deleted_or_opted_out_service_loses_its_key_and_stale_keys_go_at_start(
-    k8s: Cluster, etcd: aetcd.Client, scheme: KeyScheme,
-    apiserver: testenv.KubeAPIServer, etcd_server: testenv.Etcd,
+    k8s: Cluster,
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    apiserver: testenv.KubeAPIServer,
+    etcd_server: testenv.Etcd,
 ) -> None:
-    stale = BackendSet(namespace=k8s.ns, name="gone", strategy="random",
-                       endpoints=(Endpoint("198.18.9.9", 1),))
+    stale = BackendSet(
+        namespace=k8s.ns, name="gone", strategy="random", endpoints=(Endpoint("198.18.9.9", 1),)
+    )
     await etcd.put(scheme.service(ServiceKey(f"{k8s.ns}/gone")), encode(stale))
     await etcd.put(scheme.service(ServiceKey(f"{k8s.ns}/garbage")), b"\xff not a protobuf")
     for name in ("a", "b"):
         await k8s.create(ko.service(k8s.ns, name, WRR))
         await k8s.create(ko.endpoint_slice(k8s.ns, name, f"{name}-s", [ko.Ep(ko.address(0))]))
     async with running_controller(apiserver.kubeconfig, etcd_server.endpoint, scheme):
+
         async def keys() -> set[str]:
             _, sets = await store.list_sets(etcd, scheme)
             # The kube-apiserver is shared: keep to this test's namespace.
             return {s.key for s in sets if s.key.startswith(f"{k8s.ns}/")}
 
-        await eventually(keys, lambda k: k == {f"{k8s.ns}/a", f"{k8s.ns}/b"}, what="stale keys removed")
+        await eventually(
+            keys, lambda k: k == {f"{k8s.ns}/a", f"{k8s.ns}/b"}, what="stale keys removed"
+        )
         await k8s.delete("Service", "a")
         await k8s.annotate("Service", "b", **{"weighbridge.io/strategy": None})
-        await eventually(keys, lambda k: k == set(), what="keys of deleted and opted-out Services removed")
+        await eventually(
+            keys, lambda k: k == set(), what="keys of deleted and opted-out Services removed"
+        )

@@ -16,7 +16,7 @@ import pytest
 from controlplane.errors import NotLeaderError
 from controlplane.kube import Kube
 from controlplane.publishing import Publisher
-from tests import testenv
+from devtools import testenv
 from tests.integration import kubeobjects as ko
 from tests.integration.conftest import Cluster, eventually, running_controller, stored_set
 from weighbridge import etcd as store
@@ -32,17 +32,24 @@ def n_endpoints(n: int):  # type: ignore[no-untyped-def]
 
 
 async def test_deposed_leader_write_is_refused_by_etcd(
-    k8s: Cluster, etcd: aetcd.Client, scheme: KeyScheme,
-    apiserver: testenv.KubeAPIServer, etcd_server: testenv.Etcd,
+    k8s: Cluster,
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    apiserver: testenv.KubeAPIServer,
+    etcd_server: testenv.Etcd,
 ) -> None:
     key = f"{k8s.ns}/api"
     await k8s.create(ko.service(k8s.ns, "api", WRR))
     await k8s.create(ko.endpoint_slice(k8s.ns, "api", "api-1", [ko.Ep(ko.address(1))]))
-    async with running_controller(apiserver.kubeconfig, etcd_server.endpoint, scheme, identity="a") as a:
+    async with running_controller(
+        apiserver.kubeconfig, etcd_server.endpoint, scheme, identity="a"
+    ) as a:
         await eventually(lambda: stored_set(etcd, scheme, key), n_endpoints(1))
         old_term = a.leadership.term
         assert old_term is not None
-        async with running_controller(apiserver.kubeconfig, etcd_server.endpoint, scheme, identity="b") as b:
+        async with running_controller(
+            apiserver.kubeconfig, etcd_server.endpoint, scheme, identity="b"
+        ) as b:
             assert not b.leading
             # A loses its lease (as when paused or partitioned past the TTL): B takes over.
             await etcd.revoke_lease(old_term.lease_id)
@@ -61,26 +68,52 @@ async def _value(x: bool) -> bool:
     return x
 
 
-def _controller_process(kubeconfig: Path, etcd: str, scheme: KeyScheme, identity: str, log: Path) -> subprocess.Popen[bytes]:
+def _controller_process(
+    kubeconfig: Path, etcd: str, scheme: KeyScheme, identity: str, log: Path
+) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "controlplane.main", "--kubeconfig", str(kubeconfig),
-             "--etcd", etcd, "--prefix", scheme.prefix, "--id", identity, "--lease-ttl", "3",
-             "--admin-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-             "--log-format", "json"],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "controlplane.main",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--etcd",
+                etcd,
+                "--prefix",
+                scheme.prefix,
+                "--id",
+                identity,
+                "--lease-ttl",
+                "3",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
 
 async def test_two_controllers_failover_when_the_leader_stops(
-    k8s: Cluster, etcd: aetcd.Client, scheme: KeyScheme, tmp_path: Path,
-    apiserver: testenv.KubeAPIServer, etcd_server: testenv.Etcd,
+    k8s: Cluster,
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    tmp_path: Path,
+    apiserver: testenv.KubeAPIServer,
+    etcd_server: testenv.Etcd,
 ) -> None:
     key = f"{k8s.ns}/api"
     await k8s.create(ko.service(k8s.ns, "api", WRR))
     await k8s.create(ko.endpoint_slice(k8s.ns, "api", "api-1", [ko.Ep(ko.address(1))]))
     procs = {
-        name: _controller_process(apiserver.kubeconfig, etcd_server.endpoint, scheme, name, tmp_path / f"{name}.log")
+        name: _controller_process(
+            apiserver.kubeconfig, etcd_server.endpoint, scheme, name, tmp_path / f"{name}.log"
+        )
         for name in ("a", "b")
     }
     try:
@@ -117,7 +150,10 @@ async def test_two_controllers_failover_when_the_leader_stops(
 
 
 async def test_controller_survives_etcd_restart_while_changes_happen(
-    k8s: Cluster, scheme: KeyScheme, apiserver: testenv.KubeAPIServer, private_etcd: testenv.Etcd,
+    k8s: Cluster,
+    scheme: KeyScheme,
+    apiserver: testenv.KubeAPIServer,
+    private_etcd: testenv.Etcd,
 ) -> None:
     key = f"{k8s.ns}/api"
     await k8s.create(ko.service(k8s.ns, "api", WRR))
@@ -141,7 +177,9 @@ async def test_controller_survives_etcd_restart_while_changes_happen(
 
 
 async def test_controller_survives_kube_apiserver_restart_while_changes_happen(
-    scheme: KeyScheme, etcd: aetcd.Client, etcd_server: testenv.Etcd,
+    scheme: KeyScheme,
+    etcd: aetcd.Client,
+    etcd_server: testenv.Etcd,
     private_apiserver: testenv.KubeAPIServer,
 ) -> None:
     kube = await Kube.connect(str(private_apiserver.kubeconfig))
@@ -165,4 +203,3 @@ async def test_controller_survives_kube_apiserver_restart_while_changes_happen(
             await eventually(lambda: stored_set(etcd, scheme, key), lambda s: s is None, timeout=20)
     finally:
         await kube.close()
-

@@ -1,6 +1,6 @@
 """A real control plane on loopback: etcd 3.6 and kube-apiserver, for tests and for humans.
 
-    python -m tests.testenv            # or scripts/dev-cluster
+    python -m devtools.testenv            # or scripts/dev-cluster
 
 builds what is missing (scripts/build-testbin, cached outside the checkout), starts an etcd
 for Weighbridge, an etcd for Kubernetes and a kube-apiserver on free loopback ports, prints

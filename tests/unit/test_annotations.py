@@ -1,0 +1,160 @@
+"""The annotation parser: named cases and a fuzz test (it must never raise anything else)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controlplane.annotations import (
+    parse_grpc_services,
+    parse_pod_weight,
+    parse_selector,
+    parse_service,
+    parse_weights,
+)
+from controlplane.errors import AnnotationError
+
+
+def test_group_shares_in_percent() -> None:
+    spec = parse_weights("version=v1: 90%\nversion=v2: 10%")
+    assert spec.percent
+    assert [g.share for g in spec.groups] == [90, 10]
+    assert spec.groups[0].selector is not None
+    assert spec.groups[0].selector.matches({"version": "v1", "app": "x"})
+    assert not spec.groups[0].selector.matches({"version": "v2"})
+
+
+def test_single_line_with_semicolons_comments_and_pods() -> None:
+    spec = parse_weights("track=stable: 3; track=canary: 1  # 75/25\npod/api-0: 7")
+    assert [g.share for g in spec.groups] == [3, 1]
+    assert not spec.percent
+    assert spec.pod_weights == {"api-0": 7}
+
+
+def test_rest_group_and_decimal_percent() -> None:
+    spec = parse_weights("version=v2: 12.5%\n*: 87.5%")
+    assert spec.groups[1].selector is None
+    assert spec.groups[0].share == Fraction(25, 2)
+
+
+@pytest.mark.parametrize(
+    ("text", "labels", "expected"),
+    [
+        ("app=a,version!=v2", {"app": "a", "version": "v1"}, True),
+        ("app=a,version!=v2", {"app": "a", "version": "v2"}, False),
+        ("version in (v1, v3)", {"version": "v3"}, True),
+        ("version notin (v1,v3)", {}, True),
+        ("canary", {"canary": ""}, True),
+        ("!canary", {"canary": "yes"}, False),
+        ("example.com/track==beta", {"example.com/track": "beta"}, True),
+    ],
+)
+def test_selectors(text: str, labels: dict[str, str], expected: bool) -> None:
+    assert parse_selector(text).matches(labels) is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("version=v1 90%", "is not 'TARGET: VALUE'"),
+        ("version=v1: 90%\nversion=v2: 5%", "add up to 95%"),
+        ("version=v1: 50%\nversion=v2: 50", "mix of percentages"),
+        ("version=v1: 1\nversion=v1: 2", "given twice"),
+        ("pod/a: 1\npod/a: 2", "given twice"),
+        ("pod/A_B: 1", "is not a pod name"),
+        ("pod/a: -1", "is not a whole number"),
+        ("version=v1: abc", "is not a number"),
+        ("version=v1: 1e3", "is not a number"),
+        ("version=v1: 0\nversion=v2: 0", "every group share is 0"),
+        ("version in (v1: 1", "unbalanced"),
+        ("ver sion=v1: 1", "is not a label key"),
+        ("version=v 1: 1", "is not a label value"),
+        (": 1", "is not 'TARGET: VALUE'"),
+    ],
+)
+def test_bad_weights_name_the_problem(text: str, message: str) -> None:
+    with pytest.raises(AnnotationError, match=r"weighbridge\.io/weights") as info:
+        parse_weights(text)
+    assert info.value.reason == "InvalidWeights"
+    assert message in info.value.message
+
+
+def test_strategy_is_required_and_checked() -> None:
+    assert parse_service({"weighbridge.io/strategy": " random "}).strategy == "random"
+    with pytest.raises(AnnotationError) as info:
+        parse_service({"weighbridge.io/strategy": "fastest"})
+    assert info.value.reason == "InvalidStrategy"
+    assert "round_robin" in info.value.message
+
+
+def test_grpc_services_and_port() -> None:
+    spec = parse_service(
+        {
+            "weighbridge.io/strategy": "round_robin",
+            "weighbridge.io/grpc-services": "helloworld.Greeter, grpc.health.v1.Health helloworld.Greeter",
+            "weighbridge.io/port": "grpc",
+        }
+    )
+    assert spec.grpc_services == ("helloworld.Greeter", "grpc.health.v1.Health")
+    assert spec.port == "grpc"
+    with pytest.raises(AnnotationError, match="not a fully qualified"):
+        parse_grpc_services("hello/world")
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "x", "", "1000001"])
+def test_bad_pod_weight(value: str) -> None:
+    with pytest.raises(AnnotationError) as info:
+        parse_pod_weight("api-0", {"weighbridge.io/weight": value})
+    assert info.value.reason == "InvalidPodWeight"
+    assert "pod api-0" in info.value.message
+
+
+def test_pod_weight() -> None:
+    assert parse_pod_weight("p", {"weighbridge.io/weight": " 3 "}) == 3
+    assert parse_pod_weight("p", {}) is None
+    assert parse_pod_weight("p", None) is None
+
+
+ALPHABET = st.sampled_from(
+    list("av1=!,:%;#*() \n/.-_0123456789pod") + ["pod/", "in", "notin", "version"]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(ALPHABET, max_size=40).map("".join))
+def test_fuzz_weights_parser_only_raises_annotation_errors(text: str) -> None:
+    try:
+        spec = parse_weights(text)
+    except AnnotationError as exc:
+        assert exc.reason == "InvalidWeights"
+        assert exc.message
+        return
+    if spec.percent:
+        assert sum(g.share for g in spec.groups) == 100
+    assert all(g.share >= 0 for g in spec.groups)
+    assert all(0 <= w <= 1_000_000 for w in spec.pod_weights.values())
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "weighbridge.io/strategy",
+                "weighbridge.io/weights",
+                "weighbridge.io/port",
+                "weighbridge.io/grpc-services",
+                "other",
+            ]
+        ),
+        st.text(max_size=30),
+    )
+)
+def test_fuzz_service_annotations(annotations: dict[str, str]) -> None:
+    try:
+        parse_service(annotations)
+    except AnnotationError as exc:
+        assert exc.reason.startswith("Invalid")

@@ -1,0 +1,163 @@
+"""Weights and endpoint merging: the arithmetic behind "90% to v1" (pure functions)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controlplane.annotations import parse_weights
+from controlplane.building import (
+    RawEndpoint,
+    assign_weights,
+    endpoints_from_slices,
+    select_port,
+)
+from controlplane.errors import AnnotationError
+
+
+def raw(
+    i: int, pod: str | None = None, serving: bool = True, terminating: bool = False
+) -> RawEndpoint:
+    return RawEndpoint(f"198.18.0.{i + 1}", 80, serving, terminating, "", "", pod or f"p{i}")
+
+
+def pods(
+    labels: dict[str, dict[str, str]], weights: dict[str, str] | None = None
+) -> dict[str, Any]:
+    weights = weights or {}
+    return {
+        name: {
+            "metadata": {
+                "name": name,
+                "labels": lab,
+                "annotations": {"weighbridge.io/weight": weights[name]} if name in weights else {},
+            }
+        }
+        for name, lab in labels.items()
+    }
+
+
+def shares(weights: list[int]) -> list[Fraction]:
+    total = sum(weights)
+    return [Fraction(w, total) for w in weights]
+
+
+def test_no_groups_uses_pod_weights() -> None:
+    eps = [raw(0), raw(1), raw(2)]
+    ws = assign_weights(
+        eps, parse_weights("pod/p2: 5"), pods({"p0": {}, "p1": {}, "p2": {}}, {"p1": "3"})
+    )
+    assert ws == [1, 3, 5]
+
+
+@pytest.mark.parametrize(("n1", "n2"), [(9, 1), (1, 9), (3, 7), (150, 1), (7, 13)])
+def test_group_shares_are_exact(n1: int, n2: int) -> None:
+    eps = [raw(i) for i in range(n1 + n2)]
+    labels = {f"p{i}": {"version": "v1" if i < n1 else "v2"} for i in range(n1 + n2)}
+    ws = assign_weights(eps, parse_weights("version=v1: 90%\nversion=v2: 10%"), pods(labels))
+    s = shares(ws)
+    assert sum(s[:n1]) == Fraction(9, 10)
+    assert sum(s[n1:]) == Fraction(1, 10)
+
+
+def test_pod_weights_split_a_group_share() -> None:
+    eps = [raw(0), raw(1), raw(2)]
+    labels = {"p0": {"v": "1"}, "p1": {"v": "1"}, "p2": {"v": "2"}}
+    ws = assign_weights(eps, parse_weights("v=1: 50%\nv=2: 50%"), pods(labels, {"p0": "3"}))
+    assert shares(ws) == [Fraction(3, 8), Fraction(1, 8), Fraction(1, 2)]
+
+
+def test_unmatched_pods_get_nothing_unless_a_rest_group_exists() -> None:
+    eps = [raw(0), raw(1)]
+    labels = {"p0": {"v": "1"}, "p1": {"v": "3"}}
+    assert assign_weights(eps, parse_weights("v=1: 1"), pods(labels)) == [1, 0]
+    assert shares(assign_weights(eps, parse_weights("v=1: 80%\n*: 20%"), pods(labels))) == [
+        Fraction(4, 5),
+        Fraction(1, 5),
+    ]
+
+
+def test_empty_group_share_is_redistributed() -> None:
+    eps = [raw(0), raw(1)]
+    labels = {"p0": {"v": "1"}, "p1": {"v": "1"}}
+    ws = assign_weights(eps, parse_weights("v=1: 90%\nv=2: 10%"), pods(labels))
+    assert shares(ws) == [Fraction(1, 2), Fraction(1, 2)]
+
+
+def test_group_shares_hold_among_serving_endpoints() -> None:
+    eps = [raw(0), raw(1, serving=False), raw(2, terminating=True), raw(3)]
+    labels = {f"p{i}": {"v": "1" if i < 3 else "2"} for i in range(4)}
+    ws = assign_weights(eps, parse_weights("v=1: 90%\nv=2: 10%"), pods(labels))
+    assert ws[1] == ws[2] == 0
+    assert shares(ws)[0] == Fraction(9, 10)
+
+
+def test_first_matching_group_wins() -> None:
+    eps = [raw(0)]
+    ws = assign_weights(eps, parse_weights("a=1: 1\nb=1: 1"), pods({"p0": {"a": "1", "b": "1"}}))
+    assert ws == [1]
+
+
+def test_bad_pod_annotation_raises() -> None:
+    with pytest.raises(AnnotationError, match="pod p0"):
+        assign_weights([raw(0)], parse_weights(""), pods({"p0": {}}, {"p0": "-2"}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=8), st.data())
+def test_many_groups_shares_within_a_millionth(sizes: list[int], data: st.DataObject) -> None:
+    group_shares = [data.draw(st.integers(1, 1000)) for _ in sizes]
+    text = "\n".join(f"g={i}: {s}" for i, s in enumerate(group_shares))
+    eps, labels = [], {}
+    for g, size in enumerate(sizes):
+        for j in range(size):
+            name = f"p{g}-{j}"
+            eps.append(raw(len(eps), pod=name))
+            labels[name] = {"g": str(g)}
+    ws = assign_weights(eps, parse_weights(text), pods(labels))
+    assert all(0 < w < 2**32 for w in ws)
+    s = shares(ws)
+    total = sum(group_shares)
+    start = 0
+    for g, size in enumerate(sizes):
+        got = sum(s[start : start + size])
+        assert abs(got - Fraction(group_shares[g], total)) <= Fraction(size, 1_000_000)
+        start += size
+
+
+def test_slices_are_merged_and_duplicates_keep_the_best() -> None:
+    def sl(eps: list[dict[str, Any]], port_name: str = "grpc") -> dict[str, Any]:
+        return {
+            "addressType": "IPv4",
+            "ports": [{"name": port_name, "port": 9000}],
+            "endpoints": eps,
+        }
+
+    a = sl([{"addresses": ["198.18.0.2"], "conditions": {"ready": False, "serving": False}}])
+    b = sl([{"addresses": ["198.18.0.2"], "conditions": {}}, {"addresses": ["198.18.0.1"]}])
+    other = sl([{"addresses": ["198.18.0.9"]}], port_name="metrics")
+    fqdn = {
+        "addressType": "FQDN",
+        "ports": [{"name": "grpc", "port": 1}],
+        "endpoints": [{"addresses": ["x.example"]}],
+    }
+    out = endpoints_from_slices([a, b, other, fqdn], "grpc")
+    assert [(e.address, e.port, e.serving) for e in out] == [
+        ("198.18.0.1", 9000, True),
+        ("198.18.0.2", 9000, True),
+    ]
+
+
+def test_port_selection() -> None:
+    one = {"spec": {"ports": [{"port": 80}]}}
+    assert select_port(one, None) == ("", 80)
+    two = {"spec": {"ports": [{"name": "http", "port": 80}, {"name": "grpc", "port": 9000}]}}
+    assert select_port(two, None) == ("grpc", 9000)
+    assert select_port(two, "80") == ("http", 80)
+    three = {"spec": {"ports": [{"name": "a", "port": 1}, {"name": "b", "port": 2}]}}
+    with pytest.raises(AnnotationError, match=r"weighbridge\.io/port"):
+        select_port(three, None)
