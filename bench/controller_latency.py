@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,14 @@ NS = "bench"
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def _pod_weight_is(weight: int) -> Callable[[BackendSet], bool]:
+    return lambda bs: any(e.pod == "api-0" and e.weight == weight for e in bs.endpoints)
+
+
+def _size_is(n: int) -> Callable[[BackendSet], bool]:
+    return lambda bs: len(bs.endpoints) == n
 
 
 def slice_obj(n: int) -> dict[str, Any]:
@@ -142,9 +151,7 @@ async def run(changes: int, workdir: Path) -> dict[str, Any]:
                         body={"metadata": {"annotations": {"weighbridge.io/weight": weight}}},
                         content_type="application/merge-patch+json",
                     )
-                    done = lambda bs, w=int(weight): any(
-                        e.pod == "api-0" and e.weight == w for e in bs.endpoints
-                    )  # noqa: E731
+                    done = _pod_weight_is(int(weight))
                 else:
                     kind, n = "endpointslice", 9 if (i // 2) % 2 == 0 else 10
                     current = await kube.request("GET", f"{slices}/api-1")
@@ -152,7 +159,7 @@ async def run(changes: int, workdir: Path) -> dict[str, Any]:
                     body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
                     t0 = time.perf_counter()
                     await kube.request("PUT", f"{slices}/api-1", body=body)
-                    done = lambda bs, n=n: len(bs.endpoints) == n  # noqa: E731
+                    done = _size_is(n)
                 while True:
                     arrived, bs = await asyncio.wait_for(arrivals.get(), 10)
                     if done(bs):
@@ -193,9 +200,8 @@ def main() -> None:
         result = asyncio.run(run(args.changes, Path(tmp)))
     print(f"{'change':<16} {'n':>4} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for name, s in result.items():
-        print(
-            f"{name:<16} {s['n']:>4} {s['p50_ms']:>8} {s['p90_ms']:>8} {s['p99_ms']:>8} {s['max_ms']:>8}"
-        )
+        cells = [f"{s[c]:>8}" for c in ("p50_ms", "p90_ms", "p99_ms", "max_ms")]
+        print(f"{name:<16} {s['n']:>4} {' '.join(cells)}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -69,9 +69,8 @@ def show(bs: BackendSet | None, pods: dict[str, str]) -> None:
         groups[pods.get(e.pod, "?")] = groups.get(pods.get(e.pod, "?"), 0) + share
         state = "terminating" if e.terminating else ("" if e.serving else "not serving")
         bar = "█" * round(share * 40)
-        print(
-            f"  {e.pod:<10} {pods.get(e.pod, ''):<3} w={e.weight:<4} {share:7.2%} {bar} {DIM}{state}{RESET}"
-        )
+        version = pods.get(e.pod, "")
+        print(f"  {e.pod:<10} {version:<3} w={e.weight:<4} {share:7.2%} {bar} {DIM}{state}{RESET}")
     print("  by version: " + ", ".join(f"{v} {s:.0%}" for v, s in sorted(groups.items())))
 
 
@@ -198,7 +197,7 @@ async def run_steps(kube: Kube, etcd: Any, scheme: KeyScheme, pause: float) -> N
         await kube.request("POST", slices, body=slice_body(pods))
 
     await step(
-        "Annotate a Service: round robin over its 4 pods (3 × v1, 1 × v2)",
+        "Annotate a Service: round robin over its 4 pods (3 of v1, 1 of v2)",
         "weighbridge.io/strategy: round_robin",
         create,
     )
@@ -228,7 +227,7 @@ async def run_steps(kube: Kube, etcd: Any, scheme: KeyScheme, pause: float) -> N
         scale_v2,
     )
     await step(
-        "A per-pod weight: shop-0 takes 3× its v1 siblings' share",
+        "A per-pod weight: shop-0 takes 3 times its v1 siblings' share",
         'metadata.annotations (Pod shop-0):\n  weighbridge.io/weight: "3"',
         lambda: annotate(f"/api/v1/namespaces/{NS}/pods/{SVC}-0", {"weighbridge.io/weight": "3"}),
     )
