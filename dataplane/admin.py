@@ -1,0 +1,111 @@
+"""The proxy's admin gRPC service (weighbridge.v1.Admin): what it applied, and why it routes."""
+
+from __future__ import annotations
+
+import grpc
+
+from dataplane.routing import NoRouteError, Router, ServiceState
+from dataplane.strategies import NoBackendError
+from dataplane.subscription import Subscription
+from weighbridge.model import Endpoint
+from weighbridge.v1 import admin_pb2 as api
+from weighbridge.v1 import admin_pb2_grpc as api_grpc
+from weighbridge.v1 import backend_set_pb2 as pb
+
+
+def _endpoint(e: Endpoint) -> pb.Endpoint:
+    return pb.Endpoint(
+        address=e.address,
+        port=e.port,
+        weight=e.weight,
+        zone=e.zone,
+        pod=e.pod,
+        node=e.node,
+        serving=e.serving,
+        terminating=e.terminating,
+    )
+
+
+def service_status(state: ServiceState) -> api.ServiceStatus:
+    bs = state.backend_set
+    shares = bs.probabilities()
+    backends = {t.endpoint.hostport: t.backend for t in state.targets}
+    out = api.ServiceStatus(
+        backend_set=pb.BackendSet(
+            namespace=bs.namespace,
+            name=bs.name,
+            strategy=bs.strategy,
+            endpoints=[_endpoint(e) for e in bs.endpoints],
+            generation=bs.generation,
+            options=dict(bs.options),
+            grpc_services=list(bs.grpc_services),
+            source=bs.source,
+            built_unix_nanos=bs.built_unix_nanos,
+        ),
+        mod_revision=state.mod_revision,
+    )
+    for e in bs.endpoints:
+        stats = state.stats.get(e.hostport)
+        backend = backends.get(e.hostport)
+        done = sum(stats.buckets) if stats else 0
+        out.backends.append(
+            api.BackendStatus(
+                endpoint=_endpoint(e),
+                eligible=e.eligible,
+                share=float(shares.get(e.hostport, 0)),
+                requests=stats.requests if stats else 0,
+                errors=stats.errors if stats else 0,
+                in_flight=stats.in_flight if stats else 0,
+                latency_mean_ms=(stats.latency_sum / done * 1000) if stats and done else 0.0,
+                latency_p50_ms=stats.quantile(0.5) * 1000 if stats else 0.0,
+                latency_p99_ms=stats.quantile(0.99) * 1000 if stats else 0.0,
+                connected=backend.connected if backend else False,
+                last_error=backend.last_error if backend else "",
+            )
+        )
+    return out
+
+
+class AdminService(api_grpc.AdminServicer):
+    def __init__(self, proxy_id: str, router: Router, subscription: Subscription) -> None:
+        self.proxy_id = proxy_id
+        self.router = router
+        self.subscription = subscription
+
+    async def ListBackendSets(
+        self, request: api.ListBackendSetsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> api.ListBackendSetsResponse:
+        sub = self.subscription
+        response = api.ListBackendSetsResponse(
+            proxy_id=self.proxy_id,
+            applied_revision=sub.applied_revision,
+            etcd_connected=sub.connected,
+            etcd_last_error=sub.last_error,
+            relists=sub.relists,
+        )
+        for key in sorted(self.router.services):
+            if request.service and key != request.service:
+                continue
+            response.services.append(service_status(self.router.services[key]))
+        if request.service and not response.services:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no backend set for {request.service}")
+        return response
+
+    async def Explain(
+        self, request: api.ExplainRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> api.ExplainResponse:
+        try:
+            state, matched = self.router.route(request.authority.encode(), request.method.encode())
+        except NoRouteError as exc:
+            return api.ExplainResponse(error=f"weighbridge: {exc}")
+        response = api.ExplainResponse(
+            service=state.key, matched_by=matched, strategy=state.backend_set.strategy
+        )
+        try:
+            explanation = state.picker.explain()
+        except NoBackendError as exc:
+            response.error = f"weighbridge: {exc}"
+            return response
+        response.endpoint.CopyFrom(_endpoint(explanation.backend.endpoint))
+        response.reason = explanation.reason
+        return response

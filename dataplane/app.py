@@ -1,0 +1,184 @@
+"""One proxy process: etcd subscription → routing table → HTTP/2 forwarding, plus admin."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import threading
+from dataclasses import dataclass
+
+import aetcd
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from dataplane.admin import AdminService
+from dataplane.backends import Pool
+from dataplane.metrics import ProxyCollector
+from dataplane.proxying import FrontConnection, ProxyCounters, ProxySettings
+from dataplane.routing import Router
+from dataplane.subscription import StatusPublisher, Subscription
+from weighbridge.keys import KeyScheme
+from weighbridge.v1 import admin_pb2, admin_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def listening_socket(hostport: str, *, reuse_port: bool) -> socket.socket:
+    """A bound, listening TCP socket; SO_REUSEPORT lets several workers share the port."""
+    host, port = split_hostport(hostport)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyConfig:
+    listen: str = "0.0.0.0:8080"
+    """Where clients connect (h2c: gRPC without TLS)."""
+    admin_listen: str | None = "0.0.0.0:9501"
+    """Admin gRPC service, health and reflection; None to disable."""
+    metrics_listen: str | None = "0.0.0.0:9502"
+    """Prometheus /metrics over HTTP; None to disable."""
+    reuse_port: bool = True
+    """Share the listening port with other workers (SO_REUSEPORT)."""
+    publish_status: bool = True
+    """Publish the lease-bound status key <prefix>proxies/<id>."""
+    max_message_bytes: int = 16 << 20
+
+
+class Proxy:
+    """A running proxy; ``start()`` then ``stop()``."""
+
+    def __init__(
+        self,
+        *,
+        etcd: aetcd.Client,
+        scheme: KeyScheme,
+        proxy_id: str,
+        config: ProxyConfig,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.etcd = etcd
+        self.scheme = scheme
+        self.proxy_id = proxy_id
+        self.config = config
+        self.pool = Pool()
+        self.router = Router(self.pool, rng)
+        self.counters = ProxyCounters()
+        self.settings = ProxySettings(max_message_bytes=config.max_message_bytes)
+        self.subscription = Subscription(etcd, scheme, self.router.apply)
+        self.fronts: set[FrontConnection] = set()
+        self.port = 0
+        self.admin_port = 0
+        self.metrics_port = 0
+        self._server: asyncio.Server | None = None
+        self._admin: grpc.aio.Server | None = None
+        self._health = health_aio.HealthServicer()
+        self._metrics: tuple[object, threading.Thread] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.subscription.run(), name="subscription"))
+        if self.config.publish_status:
+            status = StatusPublisher(
+                self.etcd,
+                self.scheme,
+                self.proxy_id,
+                self.subscription,
+                lambda: len(self.router.services),
+            )
+            self._tasks.append(loop.create_task(status.run(), name="status"))
+        sock = listening_socket(self.config.listen, reuse_port=self.config.reuse_port)
+        self.port = sock.getsockname()[1]
+        self._server = await loop.create_server(self._front, sock=sock)
+        if self.config.admin_listen:
+            await self._start_admin(self.config.admin_listen)
+        if self.config.metrics_listen:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(ProxyCollector(self.router, self.counters, self.subscription))
+            host, port = split_hostport(self.config.metrics_listen)
+            server, thread = start_http_server(port, addr=host, registry=registry)
+            self.metrics_port = server.server_port
+            self._metrics = (server, thread)
+        self._tasks.append(loop.create_task(self._mark_serving(), name="health"))
+        log.info(
+            "proxy_started",
+            listen=self.port,
+            admin=self.admin_port,
+            metrics=self.metrics_port,
+            proxy_id=self.proxy_id,
+        )
+
+    def _front(self) -> FrontConnection:
+        front = FrontConnection(self.router, self.settings, self.counters, self.fronts.discard)
+        self.fronts.add(front)
+        return front
+
+    async def _start_admin(self, listen: str) -> None:
+        server = grpc.aio.server()
+        admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
+            AdminService(self.proxy_id, self.router, self.subscription), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.admin_port = server.add_insecure_port(listen)
+        await server.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._admin = server
+
+    async def _mark_serving(self) -> None:
+        await self.subscription.listed.wait()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, let calls in flight finish (up to ``grace`` s), then close."""
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.close()
+        for front in list(self.fronts):
+            front.goaway()
+        deadline = asyncio.get_running_loop().time() + grace
+        while any(f.calls for f in self.fronts) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        for front in list(self.fronts):
+            front.close()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.pool.close()
+        if self._admin is not None:
+            await self._admin.stop(grace=1)
+        if self._metrics is not None:
+            server, thread = self._metrics
+            server.shutdown()  # type: ignore[attr-defined]
+            thread.join(timeout=2)
+        log.info("proxy_stopped", proxy_id=self.proxy_id)
