@@ -166,6 +166,7 @@ async def run(args: argparse.Namespace) -> None:
     await etcd.close()
     await kube.close()
     metrics_server.shutdown()
+    metrics_server.server_close()
     metrics_thread.join(timeout=2)
     log.info("stopped")
 

@@ -180,5 +180,6 @@ class Proxy:
         if self._metrics is not None:
             server, thread = self._metrics
             server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
             thread.join(timeout=2)
         log.info("proxy_stopped", proxy_id=self.proxy_id)

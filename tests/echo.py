@@ -88,9 +88,9 @@ class _Handler(grpc.GenericRpcHandler):
             if "x-status" in md:
                 trailers.append(("grpc-status-details-bin", b"\x08\x03\x12\x05rich!"))
                 context.set_trailing_metadata(trailers)
-                await context.abort(
-                    grpc.StatusCode(_code(int(md["x-status"]))), md.get("x-details", "")
-                )
+                # Non-ASCII on purpose: grpc-message is percent-encoded on the wire.
+                details = md.get("x-details", "") + " (échec, 失敗)"
+                await context.abort(grpc.StatusCode(_code(int(md["x-status"]))), details)
             context.set_trailing_metadata(trailers)
 
         async def tracked(context: grpc.aio.ServicerContext, body: Any) -> Any:

@@ -206,3 +206,40 @@ def private_apiserver(tmp_path: Path) -> Iterator[testenv.KubeAPIServer]:
     yield server
     server.stop()
     kube_etcd.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(
+    etcd_endpoint: str,
+    scheme: KeyScheme,
+    *,
+    seed: int | None = 7,
+    proxy_id: str = "proxy-test",
+    **config: Any,
+) -> AsyncIterator[Any]:
+    """A proxy in this event loop, listening on free loopback ports, stopped on exit."""
+    import random
+
+    from dataplane.app import Proxy, ProxyConfig
+
+    etcd = store.client(etcd_endpoint)
+    settings = {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "metrics_listen": "127.0.0.1:0",
+        **config,
+    }
+    proxy = Proxy(
+        etcd=etcd,
+        scheme=scheme,
+        proxy_id=proxy_id,
+        config=ProxyConfig(**settings),
+        rng=random.Random(seed) if seed is not None else None,
+    )
+    await proxy.start()
+    try:
+        await asyncio.wait_for(proxy.subscription.listed.wait(), 15)
+        yield proxy
+    finally:
+        await proxy.stop(1)
+        await etcd.close()
