@@ -7,6 +7,7 @@ has finish, then its connections close.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -162,7 +163,12 @@ class Backend:
                 CONNECT_TIMEOUT,
             )
         except (OSError, TimeoutError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+            if isinstance(exc, OSError) and exc.errno:
+                why = os.strerror(exc.errno)
+            elif isinstance(exc, TimeoutError):
+                why = f"no answer within {CONNECT_TIMEOUT:g}s"
+            else:
+                why = repr(exc)
             self.last_error = f"cannot connect: {why}"
             self._retry_at = (
                 time.monotonic() + RETRY_BACKOFF[min(self._failures, len(RETRY_BACKOFF) - 1)]

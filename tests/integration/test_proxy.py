@@ -181,30 +181,28 @@ async def test_strategy_distributions_match_their_formulas(
     async with (
         echo_backends("a", "b", "c") as bes,
         running_proxy(etcd_server.endpoint, scheme, seed=42) as proxy,
+        channel(proxy) as ch,
     ):
-        async with channel(proxy) as ch:
-            # round_robin: strict rotation, so every cycle of 3 holds each backend once.
-            await applied(proxy, await put(etcd, scheme, "round_robin", bes))
-            seq = [await who(ch) for _ in range(300)]
-            assert all(sorted(seq[i : i + 3]) == ["a", "b", "c"] for i in range(0, 300, 3))
-            # weighted_round_robin 5:3:2: every window of 10 consecutive picks is exactly 5/3/2.
-            await applied(proxy, await put(etcd, scheme, "weighted_round_robin", bes, [5, 3, 2]))
-            seq = [await who(ch) for _ in range(200)]
-            for i in range(len(seq) - 10):
-                assert collections.Counter(seq[i : i + 10]) == {"a": 5, "b": 3, "c": 2}, seq[
-                    i : i + 10
-                ]
-            assert seq[:4] != ["a"] * 4, "smooth: the heavy backend is interleaved, not bursty"
-            # random and weighted_random: within 5 standard deviations (fixed seed, so the
-            # test is deterministic; the bound is what a fair draw meets).
-            for strategy, weights in (("random", [1, 1, 1]), ("weighted_random", [6, 3, 1])):
-                await applied(proxy, await put(etcd, scheme, strategy, bes, weights))
-                n = 3000
-                counts = collections.Counter([await who(ch) for _ in range(n)])
-                for name, w in zip("abc", weights, strict=True):
-                    p = w / sum(weights)
-                    sigma = (n * p * (1 - p)) ** 0.5
-                    assert abs(counts[name] - n * p) < 5 * sigma, (strategy, counts)
+        # round_robin: strict rotation, so every cycle of 3 holds each backend once.
+        await applied(proxy, await put(etcd, scheme, "round_robin", bes))
+        seq = [await who(ch) for _ in range(300)]
+        assert all(sorted(seq[i : i + 3]) == ["a", "b", "c"] for i in range(0, 300, 3))
+        # weighted_round_robin 5:3:2: every window of 10 consecutive picks is exactly 5/3/2.
+        await applied(proxy, await put(etcd, scheme, "weighted_round_robin", bes, [5, 3, 2]))
+        seq = [await who(ch) for _ in range(200)]
+        for i in range(len(seq) - 10):
+            assert collections.Counter(seq[i : i + 10]) == {"a": 5, "b": 3, "c": 2}, seq[i : i + 10]
+        assert seq[:4] != ["a"] * 4, "smooth: the heavy backend is interleaved, not bursty"
+        # random and weighted_random: within 5 standard deviations (fixed seed, so the
+        # test is deterministic; the bound is what a fair draw meets).
+        for strategy, weights in (("random", [1, 1, 1]), ("weighted_random", [6, 3, 1])):
+            await applied(proxy, await put(etcd, scheme, strategy, bes, weights))
+            n = 3000
+            counts = collections.Counter([await who(ch) for _ in range(n)])
+            for name, w in zip("abc", weights, strict=True):
+                p = w / sum(weights)
+                sigma = (n * p * (1 - p)) ** 0.5
+                assert abs(counts[name] - n * p) < 5 * sigma, (strategy, counts)
 
 
 async def test_a_change_in_etcd_reaches_new_requests(
@@ -213,19 +211,18 @@ async def test_a_change_in_etcd_reaches_new_requests(
     async with (
         echo_backends("a", "b") as (a, b),
         running_proxy(etcd_server.endpoint, scheme) as proxy,
+        channel(proxy) as ch,
     ):
-        async with channel(proxy) as ch:
-            await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
-            assert {await who(ch) for _ in range(5)} == {"a"}
-            await applied(proxy, await put(etcd, scheme, "weighted_round_robin", [a, b], [0, 1]))
-            assert {await who(ch) for _ in range(5)} == {"b"}
-            await store.delete_set(etcd, scheme, store.ServiceKey("default/echo"))
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                for _ in range(50):
-                    await who(ch)
-                    await asyncio.sleep(0.05)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "no backend set for Service default/echo" in str(info.value.details())
+        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+        assert {await who(ch) for _ in range(5)} == {"a"}
+        await applied(proxy, await put(etcd, scheme, "weighted_round_robin", [a, b], [0, 1]))
+        assert {await who(ch) for _ in range(5)} == {"b"}
+        await store.delete_set(etcd, scheme, store.ServiceKey("default/echo"))
+        await eventually(lambda: _value(len(proxy.router.services)), lambda n: n == 0)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await who(ch)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no backend set for Service default/echo" in str(info.value.details())
 
 
 async def test_removed_endpoint_finishes_its_stream_and_gets_no_new_calls(
