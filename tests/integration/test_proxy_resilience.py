@@ -1,0 +1,165 @@
+"""The proxy when etcd dies, compacts, or the proxy runs as several worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aetcd
+import grpc
+import pytest
+
+from dataplane.subscription import Subscription
+from devtools import testenv
+from tests.echo import echo_backends
+from tests.integration.conftest import eventually, running_proxy
+from tests.integration.test_proxy import applied, channel, put, who
+from weighbridge import etcd as store
+from weighbridge.keys import KeyScheme
+from weighbridge.v1 import backend_set_pb2 as pb
+
+pytestmark = pytest.mark.integration
+
+
+async def _value(x: object) -> object:
+    return x
+
+
+async def test_etcd_down_proxy_keeps_serving_then_catches_up(
+    scheme: KeyScheme, private_etcd: testenv.Etcd
+) -> None:
+    etcd = store.client(private_etcd.endpoint)
+    try:
+        async with (
+            echo_backends("a", "b") as (a, b),
+            running_proxy(private_etcd.endpoint, scheme) as proxy,
+        ):
+            await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+            async with channel(proxy) as ch:
+                private_etcd.kill()
+                await eventually(
+                    lambda: _value(proxy.subscription.connected),
+                    lambda c: not c,
+                    what="proxy noticed etcd is gone",
+                )
+                # Still serving the last set it had.
+                assert {await who(ch) for _ in range(10)} == {"a"}
+                private_etcd.start()
+                # A change made while the proxy is (re)connecting arrives.
+                await put(etcd, scheme, "round_robin", [b])
+                await eventually(
+                    lambda: who(ch),
+                    lambda w: w == "b",
+                    timeout=30,
+                    what="change after etcd came back",
+                )
+                assert proxy.subscription.relists >= 1
+    finally:
+        await etcd.close()
+
+
+async def test_compacted_revision_triggers_a_relist_and_nothing_is_missed(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
+) -> None:
+    async with echo_backends("a", "b", "c") as (a, b, c):
+        await put(etcd, scheme, "round_robin", [a], name="one")
+        await put(etcd, scheme, "round_robin", [a], name="two")
+        applied: dict[str, object] = {}
+
+        class Lagging(Subscription):
+            """After its first list, etcd moves on and compacts past the watch's start."""
+
+            lagged = False
+
+            async def _list(self) -> int:
+                revision = await super()._list()
+                if not self.lagged:
+                    self.lagged = True
+                    await put(etcd, scheme, "random", [b], name="one")
+                    await store.delete_set(etcd, scheme, store.ServiceKey("default/two"))
+                    latest = await put(etcd, scheme, "random", [c], name="three")
+                    await etcd.compact(latest)
+                return revision
+
+        client = store.client(etcd_server.endpoint)
+        sub = Lagging(client, scheme, lambda k, s, r: applied.__setitem__(k, s))
+        task = asyncio.create_task(sub.run())
+        try:
+            await eventually(lambda: _value(sub.relists), lambda n: n >= 1, what="a relist")
+            await eventually(
+                lambda: _value(set(k for k, v in applied.items() if v is not None)),
+                lambda keys: keys == {"default/one", "default/three"},
+            )
+            assert applied["default/two"] is None
+            assert applied["default/one"].strategy == "random"  # type: ignore[attr-defined]
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await client.close()
+
+
+async def test_workers_share_the_port_each_with_its_subscription(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, tmp_path: Path
+) -> None:
+    port = testenv.free_port()
+    admin = testenv.free_port()
+    async with echo_backends("a") as (a,):
+        await put(etcd, scheme, "round_robin", [a])
+        with (tmp_path / "proxy.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dataplane.main",
+                    "--etcd",
+                    etcd_server.endpoint,
+                    "--prefix",
+                    scheme.prefix,
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--admin-listen",
+                    f"127.0.0.1:{admin}",
+                    "--metrics-listen",
+                    "127.0.0.1:0",
+                    "--workers",
+                    "2",
+                    "--id",
+                    "wk",
+                    "--log-format",
+                    "json",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+
+            async def statuses() -> set[str]:
+                result = await etcd.get_prefix(scheme.proxies_prefix)
+                return {pb.ProxyStatus.FromString(kv.value).id for kv in result.kvs}
+
+            await eventually(statuses, lambda s: s == {"wk-w0", "wk-w1"}, timeout=30)
+            # Many connections: the kernel spreads them over both workers.
+            for _ in range(20):
+                async with grpc.aio.insecure_channel(
+                    f"127.0.0.1:{port}", options=[("grpc.default_authority", "echo.default")]
+                ) as ch:
+                    assert await who(ch) == "a"
+            for k in (0, 1):
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{admin + k}") as ch:
+                    from weighbridge.v1 import admin_pb2, admin_pb2_grpc
+
+                    listing = await admin_pb2_grpc.AdminStub(ch).ListBackendSets(
+                        admin_pb2.ListBackendSetsRequest()
+                    )
+                    assert listing.proxy_id == f"wk-w{k}"
+                    assert listing.services[0].backends[0].requests > 0, "both workers took calls"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        await eventually(
+            statuses, lambda s: s == set(), timeout=5, what="status keys revoked on shutdown"
+        )
