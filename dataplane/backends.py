@@ -41,8 +41,8 @@ class BackendConnection(Http2Connection):
     def usable(self) -> bool:
         if self.closed or self.goaway:
             return False
-        limit = self.h2.remote_settings.max_concurrent_streams
-        return self.h2.open_outbound_streams < limit
+        # len(self.calls), not h2's open_outbound_streams: that one walks every stream.
+        return len(self.calls) < self.h2.remote_settings.max_concurrent_streams
 
     def handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):

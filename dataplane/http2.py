@@ -10,19 +10,39 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Final
+from typing import Final, cast
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack.hpack
 
 STREAM_WINDOW: Final = 1 << 20
 """Per-stream receive window: how far a sender may run ahead of its reader."""
 CONNECTION_WINDOW: Final = 16 << 20
 
+MAX_CLOSED_STREAMS: Final = 4096
+"""Closed streams h2 remembers per connection (to answer late frames correctly); h2's default
+of 65,536 costs megabytes per long-lived backend connection."""
+
 _dirty: set[Http2Connection] = set()
+
+
+class _NoLog:
+    """hpack calls ``log.debug(...)`` for every header of every request; even with DEBUG off
+    that was ~3% of the proxy's CPU in the profile (docs/performance.md)."""
+
+    def debug(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+hpack.hpack.log = _NoLog()  # type: ignore[assignment]
+
+
+class _H2Connection(h2.connection.H2Connection):
+    MAX_CLOSED_STREAMS = MAX_CLOSED_STREAMS
 
 
 def flush_all() -> None:
@@ -45,13 +65,12 @@ class Http2Connection(asyncio.Protocol):
             validate_inbound_headers=not self.client_side,
             normalize_inbound_headers=False,
         )
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = _H2Connection(config=config)
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Every write is a complete batch of frames: never let Nagle hold it back.

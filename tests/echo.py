@@ -184,3 +184,29 @@ async def echo_backends(*names: str, host: str = "127.0.0.1") -> AsyncIterator[l
     finally:
         for b in backends:
             await b.stop(0)
+
+
+async def _serve(name: str, host: str, port: int) -> None:
+    import signal
+
+    backend = EchoBackend(name, host=host)
+    await backend.start(port)
+    print(f"echo {name} listening on {backend.hostport}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await backend.stop(1)
+
+
+def main() -> None:
+    """``python -m tests.echo NAME HOST PORT``: run one echo backend until SIGTERM."""
+    import sys
+
+    name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    asyncio.run(_serve(name, host, port))
+
+
+if __name__ == "__main__":
+    main()
