@@ -245,10 +245,12 @@ def load(requests: int, profile: bool, workdir: Path) -> None:
             samples.append(rss_mb(pid))
         cpu = cpu_seconds(pid) - cpu0
     print(
-        f"direct to one backend: {direct['rps']:.0f} req/s (warm-up through proxy: {warm['rps']:.0f} req/s)"
+        f"direct to one backend: {direct['rps']:.0f} req/s "
+        f"(warm-up through proxy: {warm['rps']:.0f} req/s)"
     )
     print(
-        f"through the proxy: {done} requests, {statistics.median(rps):.0f} req/s median of 10 rounds"
+        f"through the proxy: {done} requests, "
+        f"{statistics.median(rps):.0f} req/s median of 10 rounds"
     )
     print(f"proxy CPU: {cpu / done * 1e6:.1f} µs per request (user+system, /proc/{pid}/stat)")
     print(

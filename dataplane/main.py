@@ -76,13 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds calls in flight may take to finish on shutdown (default: %(default)s)",
     )
-    p.add_argument(
-        "--loop",
-        default="uvloop",
-        choices=("uvloop", "asyncio"),
-        help="event loop implementation (default: %(default)s, about a third less CPU "
-        "per request than asyncio's own; see docs/performance.md)",
-    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
@@ -146,12 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.workers > 1 and args.worker_index is None:
         sys.exit(supervise(args, argv))
     with contextlib.suppress(KeyboardInterrupt):
-        if args.loop == "uvloop":
-            import uvloop
-
-            uvloop.run(serve(args, args.worker_index or 0))
-        else:
-            asyncio.run(serve(args, args.worker_index or 0))
+        asyncio.run(serve(args, args.worker_index or 0))
     sys.exit(0)
 
 
