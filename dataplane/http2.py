@@ -19,6 +19,8 @@ import h2.exceptions
 import h2.settings
 import hpack.hpack
 
+from dataplane.hpackcache import StatelessEncoder
+
 STREAM_WINDOW: Final = 1 << 20
 """Per-stream receive window: how far a sender may run ahead of its reader."""
 CONNECTION_WINDOW: Final = 16 << 20
@@ -66,6 +68,7 @@ class Http2Connection(asyncio.Protocol):
             normalize_inbound_headers=False,
         )
         self.h2 = _H2Connection(config=config)
+        self.h2.encoder = StatelessEncoder()  # type: ignore[assignment]
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
