@@ -116,14 +116,12 @@ class ServiceState:
             )
             for e in backend_set.eligible
         )
-        skipped = len(backend_set.endpoints) - len(self.targets)
+        n = len(backend_set.endpoints)
         why = (
-            f"{len(backend_set.endpoints)} endpoints, none serving"
-            if backend_set.endpoints
+            f"{n} endpoints, none serving, not terminating and of weight > 0"
+            if n
             else "no endpoints"
         )
-        if skipped and self.targets:
-            why = ""
         self.picker: Picker[Target] = build_picker(
             backend_set.strategy,
             self.targets,
