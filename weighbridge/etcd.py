@@ -24,6 +24,8 @@ _CHANNEL_OPTIONS: Final = {
     # (etcd's default enforcement minimum is 5 s) and give up on a ping after 5 s.
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
+    # grpc-core times a ping out by this one (default 60 s), not only by the keepalive timeout.
+    "grpc.http2.ping_timeout_ms": 5_000,
     "grpc.http2.max_pings_without_data": 0,
     # Reconnect quickly after an etcd restart instead of backing off up to 120 s.
     "grpc.initial_reconnect_backoff_ms": 200,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -163,3 +164,66 @@ async def test_workers_share_the_port_each_with_its_subscription(
         await eventually(
             statuses, lambda s: s == set(), timeout=5, what="status keys revoked on shutdown"
         )
+
+
+class BlackHole:
+    """A TCP forwarder to etcd that can start swallowing bytes without closing anything,
+    like a dead network path (no RST, no FIN)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.swallow = False
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    if not self.swallow:
+                        dst.write(data)
+                        await dst.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        for w in (writer, up_writer):
+            w.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_black_holed_etcd_is_noticed_within_seconds(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
+) -> None:
+    hole = BlackHole(etcd_server.client_port)
+    await hole.start()
+    try:
+        async with (
+            echo_backends("a") as (a,),
+            running_proxy(f"127.0.0.1:{hole.port}", scheme) as proxy,
+        ):
+            await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+            assert proxy.subscription.connected
+            hole.swallow = True
+            started = asyncio.get_running_loop().time()
+            # gRPC keepalive on the etcd channel: a ping every 10 s, 5 s to answer.
+            await eventually(
+                lambda: _value(proxy.subscription.connected),
+                lambda c: not c,
+                timeout=30,
+                interval=0.2,
+                what="proxy noticed the black hole",
+            )
+            noticed = asyncio.get_running_loop().time() - started
+            assert noticed < 20, f"took {noticed:.1f}s"
+            async with channel(proxy) as ch:
+                assert await who(ch) == "a", "still serving the last set"
+    finally:
+        await hole.stop()
