@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -96,31 +94,13 @@ async def run(changes: int, workdir: Path) -> dict[str, Any]:
             )
         slices = f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
         await kube.request("POST", slices, body=slice_obj(10))
-        log = (workdir / "controller.log").open("wb")
-        controller = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "controlplane.main",
-                "--kubeconfig",
-                str(apiserver.kubeconfig),
-                "--etcd",
-                etcd_server.endpoint,
-                "--prefix",
-                scheme.prefix,
-                "--id",
-                "bench",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "warning",
-                "--log-format",
-                "json",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        controller = testenv.start_controller(
+            apiserver.kubeconfig,
+            etcd_server.endpoint,
+            workdir / "controller.log",
+            prefix=scheme.prefix,
+            identity="bench",
+            log_level="warning",
         )
         etcd = store.client(etcd_server.endpoint)
         arrivals: asyncio.Queue[tuple[float, BackendSet]] = asyncio.Queue()

@@ -23,7 +23,8 @@ from controlplane.kube import Kube
 from controlplane.metrics import Metrics
 from controlplane.reconciling import Controller
 from weighbridge import etcd as store
-from weighbridge.keys import DEFAULT_PREFIX, KeyScheme
+from weighbridge.cli import add_etcd_arguments, add_log_arguments
+from weighbridge.keys import KeyScheme
 from weighbridge.logs import configure
 
 log = structlog.get_logger("controlplane")
@@ -42,16 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="kubeconfig path (default: $KUBECONFIG, else in-cluster config)",
     )
     p.add_argument("--context", default=None, help="kubeconfig context (default: current)")
-    p.add_argument(
-        "--etcd",
-        default=env("WEIGHBRIDGE_ETCD", store.DEFAULT_ENDPOINT),
-        help="etcd endpoints HOST:PORT[,HOST:PORT] (default: $WEIGHBRIDGE_ETCD or %(default)s)",
-    )
-    p.add_argument(
-        "--prefix",
-        default=env("WEIGHBRIDGE_PREFIX", DEFAULT_PREFIX),
-        help="etcd key prefix (default: %(default)s)",
-    )
     p.add_argument(
         "--source",
         choices=("endpointslices", "endpoints"),
@@ -92,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="0.0.0.0:9402",
         help="Prometheus metrics over HTTP at /metrics (default: %(default)s)",
     )
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
+    add_etcd_arguments(p)
+    add_log_arguments(p)
     return p
 
 

@@ -7,23 +7,9 @@ import grpc
 from dataplane.routing import NoRouteError, Router, ServiceState
 from dataplane.strategies import NoBackendError
 from dataplane.subscription import Subscription
-from weighbridge.model import Endpoint
+from weighbridge.model import endpoint_to_proto, to_proto
 from weighbridge.v1 import admin_pb2 as api
 from weighbridge.v1 import admin_pb2_grpc as api_grpc
-from weighbridge.v1 import backend_set_pb2 as pb
-
-
-def _endpoint(e: Endpoint) -> pb.Endpoint:
-    return pb.Endpoint(
-        address=e.address,
-        port=e.port,
-        weight=e.weight,
-        zone=e.zone,
-        pod=e.pod,
-        node=e.node,
-        serving=e.serving,
-        terminating=e.terminating,
-    )
 
 
 def service_status(state: ServiceState) -> api.ServiceStatus:
@@ -31,17 +17,7 @@ def service_status(state: ServiceState) -> api.ServiceStatus:
     shares = bs.probabilities()
     backends = {t.endpoint.hostport: t.backend for t in state.targets}
     out = api.ServiceStatus(
-        backend_set=pb.BackendSet(
-            namespace=bs.namespace,
-            name=bs.name,
-            strategy=bs.strategy,
-            endpoints=[_endpoint(e) for e in bs.endpoints],
-            generation=bs.generation,
-            options=dict(bs.options),
-            grpc_services=list(bs.grpc_services),
-            source=bs.source,
-            built_unix_nanos=bs.built_unix_nanos,
-        ),
+        backend_set=to_proto(bs),
         mod_revision=state.mod_revision,
     )
     for e in bs.endpoints:
@@ -50,7 +26,7 @@ def service_status(state: ServiceState) -> api.ServiceStatus:
         done = sum(stats.buckets) if stats else 0
         out.backends.append(
             api.BackendStatus(
-                endpoint=_endpoint(e),
+                endpoint=endpoint_to_proto(e),
                 eligible=e.eligible,
                 share=float(shares.get(e.hostport, 0)),
                 requests=stats.requests if stats else 0,
@@ -106,6 +82,6 @@ class AdminService(api_grpc.AdminServicer):
         except NoBackendError as exc:
             response.error = f"weighbridge: {exc}"
             return response
-        response.endpoint.CopyFrom(_endpoint(explanation.backend.endpoint))
+        response.endpoint.CopyFrom(endpoint_to_proto(explanation.backend.endpoint))
         response.reason = explanation.reason
         return response

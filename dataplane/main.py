@@ -16,7 +16,8 @@ import structlog
 
 from dataplane.app import Proxy, ProxyConfig, split_hostport
 from weighbridge import etcd as store
-from weighbridge.keys import DEFAULT_PREFIX, KeyScheme
+from weighbridge.cli import add_etcd_arguments, add_log_arguments
+from weighbridge.keys import KeyScheme
 from weighbridge.logs import configure
 
 log = structlog.get_logger("dataplane")
@@ -28,16 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="weighbridge-proxy",
         description="Proxy gRPC calls to the backends of Kubernetes Services, picking one per "
         "request with the Service's strategy (backend sets come from etcd).",
-    )
-    p.add_argument(
-        "--etcd",
-        default=env("WEIGHBRIDGE_ETCD", store.DEFAULT_ENDPOINT),
-        help="etcd endpoints HOST:PORT[,HOST:PORT] (default: $WEIGHBRIDGE_ETCD or %(default)s)",
-    )
-    p.add_argument(
-        "--prefix",
-        default=env("WEIGHBRIDGE_PREFIX", DEFAULT_PREFIX),
-        help="etcd key prefix (default: %(default)s)",
     )
     p.add_argument(
         "--listen", default="0.0.0.0:8080", help="client port, gRPC over h2c (default: %(default)s)"
@@ -76,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds calls in flight may take to finish on shutdown (default: %(default)s)",
     )
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    add_etcd_arguments(p)
+    add_log_arguments(p)
     return p
 
 

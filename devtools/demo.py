@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -80,26 +78,11 @@ async def demo(pause: float, keep: bool, workdir: Path) -> None:
         kube = await Kube.connect(str(apiserver.kubeconfig))
         etcd = store.client(etcd_server.endpoint)
         scheme = KeyScheme()
-        controller = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "controlplane.main",
-                "--kubeconfig",
-                str(apiserver.kubeconfig),
-                "--etcd",
-                etcd_server.endpoint,
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "warning",
-                "--log-format",
-                "json",
-            ],
-            stdout=(workdir / "controller.log").open("wb"),
-            stderr=subprocess.STDOUT,
+        controller = testenv.start_controller(
+            apiserver.kubeconfig,
+            etcd_server.endpoint,
+            workdir / "controller.log",
+            log_level="warning",
         )
         try:
             await run_steps(kube, etcd, scheme, pause)

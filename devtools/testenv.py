@@ -289,3 +289,44 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()
+
+
+def start_controller(
+    kubeconfig: Path,
+    etcd_endpoint: str,
+    log: Path,
+    *,
+    prefix: str = "/weighbridge/v1/",
+    identity: str = "controller",
+    lease_ttl: int = 10,
+    log_level: str = "info",
+) -> subprocess.Popen[bytes]:
+    """A weighbridge-controller process on ephemeral admin/metrics ports, JSON logs to ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controlplane.main",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--etcd",
+                etcd_endpoint,
+                "--prefix",
+                prefix,
+                "--id",
+                identity,
+                "--lease-ttl",
+                str(lease_ttl),
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--log-level",
+                log_level,
+                "--log-format",
+                "json",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )

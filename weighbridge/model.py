@@ -103,32 +103,36 @@ class BackendSet:
         )
 
 
-def encode(backend_set: BackendSet) -> bytes:
-    """Serialize to the protobuf wire format stored in etcd (deterministic)."""
-    msg = pb.BackendSet(
+def endpoint_to_proto(e: Endpoint) -> pb.Endpoint:
+    return pb.Endpoint(
+        address=e.address,
+        port=e.port,
+        weight=e.weight,
+        zone=e.zone,
+        pod=e.pod,
+        node=e.node,
+        serving=e.serving,
+        terminating=e.terminating,
+    )
+
+
+def to_proto(backend_set: BackendSet) -> pb.BackendSet:
+    return pb.BackendSet(
         namespace=backend_set.namespace,
         name=backend_set.name,
         strategy=backend_set.strategy,
-        endpoints=[
-            pb.Endpoint(
-                address=e.address,
-                port=e.port,
-                weight=e.weight,
-                zone=e.zone,
-                pod=e.pod,
-                node=e.node,
-                serving=e.serving,
-                terminating=e.terminating,
-            )
-            for e in backend_set.endpoints
-        ],
+        endpoints=[endpoint_to_proto(e) for e in backend_set.endpoints],
         generation=backend_set.generation,
         options=dict(backend_set.options),
         grpc_services=list(backend_set.grpc_services),
         source=backend_set.source,
         built_unix_nanos=backend_set.built_unix_nanos,
     )
-    return msg.SerializeToString(deterministic=True)
+
+
+def encode(backend_set: BackendSet) -> bytes:
+    """Serialize to the protobuf wire format stored in etcd (deterministic)."""
+    return to_proto(backend_set).SerializeToString(deterministic=True)
 
 
 def decode(data: bytes) -> BackendSet:

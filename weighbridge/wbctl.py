@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from weighbridge import etcd as store
+from weighbridge.cli import add_etcd_arguments
 from weighbridge.errors import WeighbridgeError
-from weighbridge.keys import DEFAULT_PREFIX, KeyScheme, parse_service_key
+from weighbridge.keys import KeyScheme, parse_service_key
 from weighbridge.model import STRATEGIES, BackendSet, Endpoint
 
 
@@ -176,16 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wbctl", description="Read and write Weighbridge backend sets in etcd."
     )
-    p.add_argument(
-        "--etcd",
-        default=os.environ.get("WEIGHBRIDGE_ETCD", store.DEFAULT_ENDPOINT),
-        help="etcd endpoints HOST:PORT[,HOST:PORT] (default: $WEIGHBRIDGE_ETCD or %(default)s)",
-    )
-    p.add_argument(
-        "--prefix",
-        default=os.environ.get("WEIGHBRIDGE_PREFIX", DEFAULT_PREFIX),
-        help="etcd key prefix (default: $WEIGHBRIDGE_PREFIX or %(default)s)",
-    )
+    add_etcd_arguments(p)
     sub = p.add_subparsers(dest="command", required=True)
     get = sub.add_parser("get", help="show one backend set with its endpoints, or list them all")
     get.add_argument("service", nargs="?", metavar="NAMESPACE/NAME")

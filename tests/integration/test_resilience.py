@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -68,37 +66,6 @@ async def _value(x: bool) -> bool:
     return x
 
 
-def _controller_process(
-    kubeconfig: Path, etcd: str, scheme: KeyScheme, identity: str, log: Path
-) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "controlplane.main",
-                "--kubeconfig",
-                str(kubeconfig),
-                "--etcd",
-                etcd,
-                "--prefix",
-                scheme.prefix,
-                "--id",
-                identity,
-                "--lease-ttl",
-                "3",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
 async def test_two_controllers_failover_when_the_leader_stops(
     k8s: Cluster,
     etcd: aetcd.Client,
@@ -111,8 +78,13 @@ async def test_two_controllers_failover_when_the_leader_stops(
     await k8s.create(ko.service(k8s.ns, "api", WRR))
     await k8s.create(ko.endpoint_slice(k8s.ns, "api", "api-1", [ko.Ep(ko.address(1))]))
     procs = {
-        name: _controller_process(
-            apiserver.kubeconfig, etcd_server.endpoint, scheme, name, tmp_path / f"{name}.log"
+        name: testenv.start_controller(
+            apiserver.kubeconfig,
+            etcd_server.endpoint,
+            tmp_path / f"{name}.log",
+            prefix=scheme.prefix,
+            identity=name,
+            lease_ttl=3,
         )
         for name in ("a", "b")
     }
