@@ -16,6 +16,7 @@ import aetcd.exceptions
 from weighbridge.errors import DecodeError, EtcdUnavailableError
 from weighbridge.keys import KeyScheme, ServiceKey
 from weighbridge.model import BackendSet, decode, encode
+from weighbridge.v1 import backend_set_pb2 as pb
 
 DEFAULT_ENDPOINT: Final = "127.0.0.1:2379"
 
@@ -136,3 +137,23 @@ async def delete_set(etcd: aetcd.Client, scheme: KeyScheme, key: ServiceKey) -> 
     except CLIENT_ERRORS as exc:
         raise EtcdUnavailableError(f"deleting {key}: {exc}") from exc
     return result is not None and result.deleted > 0
+
+
+async def list_proxy_statuses(
+    etcd: aetcd.Client, scheme: KeyScheme
+) -> tuple[list[pb.ProxyStatus], int]:
+    """Every live proxy's status, and the newest mod revision among the backend sets (a
+    proxy whose applied revision is at least that has applied every set)."""
+    try:
+        proxies = await etcd.get_prefix(scheme.proxies_prefix)
+        sets = await etcd.get_prefix(scheme.services_prefix, keys_only=True)
+    except CLIENT_ERRORS as exc:
+        raise EtcdUnavailableError(f"listing proxies: {exc}") from exc
+    statuses = []
+    for kv in proxies.kvs:
+        try:
+            statuses.append(pb.ProxyStatus.FromString(kv.value))
+        except Exception:
+            continue
+    latest = max((kv.mod_revision for kv in sets.kvs), default=0)
+    return sorted(statuses, key=lambda s: s.id), latest

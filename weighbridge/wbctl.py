@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+import aetcd
+
 from weighbridge import etcd as store
 from weighbridge.cli import add_etcd_arguments
 from weighbridge.errors import WeighbridgeError
@@ -118,6 +120,37 @@ def print_endpoints(stored: store.StoredSet, out: TextIO) -> None:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
 
 
+async def show_proxies(etcd: aetcd.Client, scheme: KeyScheme, output: str, out: TextIO) -> int:
+    """Each proxy's lease-bound status key against the newest revision of the sets."""
+    statuses, latest = await store.list_proxy_statuses(etcd, scheme)
+    if output == "json":
+        doc = {
+            "setsRevision": latest,
+            "proxies": [
+                {
+                    "id": s.id,
+                    "appliedRevision": s.applied_revision,
+                    "backendSets": s.backend_sets,
+                    "inSync": s.applied_revision >= latest,
+                    "updatedUnixNanos": s.updated_unix_nanos,
+                }
+                for s in statuses
+            ],
+        }
+        out.write(json.dumps(doc, indent=2) + "\n")
+        return 0
+    rows = [("PROXY", "APPLIED", "SETS", "IN SYNC", "LAST REPORT")]
+    now = time.time_ns()
+    for s in statuses:
+        age = f"{(now - s.updated_unix_nanos) / 1e9:.0f}s ago"
+        sync = "yes" if s.applied_revision >= latest else f"no (sets at {latest})"
+        rows.append((s.id, str(s.applied_revision), str(s.backend_sets), sync, age))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    return 0
+
+
 async def run(args: argparse.Namespace, out: TextIO) -> int:
     scheme = KeyScheme(args.prefix)
     etcd = store.client(args.etcd)
@@ -167,6 +200,8 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
                 return 1
             out.write(f"{key}: deleted\n")
             return 0
+        if args.command == "proxies":
+            return await show_proxies(etcd, scheme, args.output, out)
         raise AssertionError(args.command)
     finally:
         await etcd.close()
@@ -200,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     delete = sub.add_parser("delete", help="delete a backend set")
     delete.add_argument("service", metavar="NAMESPACE/NAME")
+    proxies = sub.add_parser(
+        "proxies", help="which proxies are running and whether they are in sync"
+    )
+    proxies.add_argument("-o", "--output", choices=("table", "json"), default="table")
     return p
 
 

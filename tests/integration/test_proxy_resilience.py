@@ -175,6 +175,7 @@ class BlackHole:
         self.swallow = False
         self.server: asyncio.Server | None = None
         self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -182,6 +183,7 @@ class BlackHole:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers += [writer, up_writer]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
@@ -197,6 +199,13 @@ class BlackHole:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        for w in self.writers:
+            w.close()
+        for w in self.writers:
+            with contextlib.suppress(OSError):
+                await w.wait_closed()
+        if self.server is not None:
+            await self.server.wait_closed()
 
 
 async def test_black_holed_etcd_is_noticed_within_seconds(
