@@ -330,3 +330,42 @@ def start_controller(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+def start_proxy(
+    etcd_endpoint: str,
+    log: Path,
+    *,
+    port: int,
+    admin_port: int,
+    prefix: str = "/weighbridge/v1/",
+    identity: str = "proxy",
+    log_level: str = "info",
+) -> subprocess.Popen[bytes]:
+    """A weighbridge-proxy process on loopback, JSON logs to ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dataplane.main",
+                "--etcd",
+                etcd_endpoint,
+                "--prefix",
+                prefix,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin-listen",
+                f"127.0.0.1:{admin_port}",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--id",
+                identity,
+                "--log-level",
+                log_level,
+                "--log-format",
+                "json",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )

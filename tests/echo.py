@@ -140,6 +140,8 @@ class _Handler(grpc.GenericRpcHandler):
                     for i in range(int(request or b"3")):
                         if "x-hold" in seen.metadata and i == 1:
                             await b.release.wait()
+                        if "x-interval" in seen.metadata and i > 0:
+                            await asyncio.sleep(float(seen.metadata["x-interval"]))
                         yield f"{b.name}:{i}".encode()
                     await end(context, seen.metadata)
                 except asyncio.CancelledError:

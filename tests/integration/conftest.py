@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aetcd
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -133,7 +134,7 @@ async def eventually(
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        with contextlib.suppress(KubeError, store.EtcdUnavailableError):
+        with contextlib.suppress(KubeError, store.EtcdUnavailableError, grpc.aio.AioRpcError):
             last = await probe()
             if accept(last):
                 return last
