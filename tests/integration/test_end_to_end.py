@@ -4,7 +4,6 @@ processes, and gRPC clients calling through both proxies."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import shutil
