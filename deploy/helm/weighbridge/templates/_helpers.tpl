@@ -1,0 +1,66 @@
+{{/* weighbridge.name: the chart name, or nameOverride. */}}
+{{- define "weighbridge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* weighbridge.fullname: "<release>-<name>" (or fullnameOverride), the prefix of every resource. */}}
+{{- define "weighbridge.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* weighbridge.labels: the common labels; pass (dict "ctx" $ "component" "proxy"). */}}
+{{- define "weighbridge.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: weighbridge
+{{ include "weighbridge.selectorLabels" . }}
+{{- end }}
+
+{{/* weighbridge.selectorLabels: the labels selectors match on; same argument as weighbridge.labels. */}}
+{{- define "weighbridge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "weighbridge.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* weighbridge.image: the weighbridge image reference. */}}
+{{- define "weighbridge.image" -}}
+{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end }}
+
+{{/* weighbridge.etcdEndpoints: what --etcd gets, for either etcd mode. */}}
+{{- define "weighbridge.etcdEndpoints" -}}
+{{- if eq .Values.etcd.mode "bundled" -}}
+{{ include "weighbridge.fullname" . }}-etcd:2379
+{{- else -}}
+{{ join "," .Values.etcd.external.endpoints }}
+{{- end }}
+{{- end }}
+
+{{/* weighbridge.podSecurityContext: non-root, default seccomp, for every pod. */}}
+{{- define "weighbridge.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* weighbridge.containerSecurityContext: read-only root, no privilege escalation, no capabilities. */}}
+{{- define "weighbridge.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end }}
