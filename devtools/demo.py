@@ -1,10 +1,14 @@
-"""Weighbridge local demo: a real etcd and kube-apiserver, the controller, and a Service
-whose annotations change step by step, with the backend set it produces shown after each.
+"""Weighbridge local demo: real etcd and kube-apiserver, the controller, two proxies and three
+demo backends; traffic through both proxies while the Service's annotations switch between
+strategies, with a live table of how calls spread.
 
-It builds/starts everything on loopback, runs the steps, and stops all it started on exit
-or Ctrl-C. Nothing is sent to the (documentation-range) endpoint addresses it uses.
+By default (root with iproute2) the backends are "pods" with their own IPs in network
+namespaces, listed in a real EndpointSlice, and every change is a Kubernetes annotation the
+controller turns into an etcd backend set. With --etcd-only (or without root) the backends run
+on loopback and the sets are written to etcd directly, as `wbctl put` does. Everything it
+started is stopped on exit or Ctrl-C. Traffic goes only to loopback and the namespaces it made.
 
-    scripts/run [--pause SECONDS] [--keep]
+    scripts/run [--seconds 4] [--etcd-only]
 """
 
 from __future__ import annotations
@@ -12,243 +16,328 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from controlplane.kube import Kube
 from devtools import testenv
+from devtools.netns import PodNetwork
 from weighbridge import etcd as store
 from weighbridge.keys import KeyScheme, ServiceKey
-from weighbridge.model import BackendSet
+from weighbridge.model import BackendSet, Endpoint
+from weighbridge.v1 import admin_pb2, admin_pb2_grpc
 
-NS = "demo"
-SVC = "shop"
-BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
+NS, SVC, PORT = "demo", "shop", 50051
+BACKENDS = {"shop-v1-a": "v1", "shop-v1-b": "v1", "shop-v2-a": "v2"}
+BOLD, DIM, RESET, CLEAR = "\033[1m", "\033[2m", "\033[0m", "\033[J"
 
 
-def slice_body(pods: list[tuple[str, str]], terminating: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{SVC}-1",
-            "namespace": NS,
-            "labels": {"kubernetes.io/service-name": SVC},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}],
-        "endpoints": [
-            {
-                "addresses": [f"198.18.0.{i + 1}"],
-                "conditions": {
-                    "ready": name not in terminating,
-                    "serving": True,
-                    "terminating": name in terminating,
+@dataclass(frozen=True)
+class Phase:
+    title: str
+    strategy: str
+    weights: str | None  # weighbridge.io/weights
+    pod_weights: dict[str, int]  # used in --etcd-only mode instead
+
+
+PHASES = [
+    Phase("round_robin: strict rotation, 1/3 each", "round_robin", None, {}),
+    Phase("random: uniform, about 1/3 each", "random", None, {}),
+    Phase(
+        "weighted_round_robin, 90% v1 / 10% v2 by label",
+        "weighted_round_robin",
+        "version=v1: 90%\nversion=v2: 10%",
+        {"shop-v1-a": 9, "shop-v1-b": 9, "shop-v2-a": 2},
+    ),
+    Phase(
+        "weighted_random, 50% v2 / 50% v1 by label",
+        "weighted_random",
+        "version=v2: 50%\nversion=v1: 50%",
+        {"shop-v1-a": 1, "shop-v1-b": 1, "shop-v2-a": 2},
+    ),
+]
+
+
+class Demo:
+    def __init__(self, workdir: Path, etcd_only: bool) -> None:
+        self.workdir = workdir
+        self.etcd_only = etcd_only
+        self.scheme = KeyScheme()
+        self.key = ServiceKey(f"{NS}/{SVC}")
+        self.hosts: dict[str, tuple[str, int]] = {}
+        self.proxy_ports = [testenv.free_port(), testenv.free_port()]
+        self.admin_ports = [testenv.free_port(), testenv.free_port()]
+
+    @contextlib.contextmanager
+    def infrastructure(
+        self,
+    ) -> Iterator[tuple[testenv.Etcd, testenv.KubeAPIServer | None, PodNetwork | None]]:
+        with contextlib.ExitStack() as stack:
+            if self.etcd_only:
+                etcd = testenv.Etcd(self.workdir)
+                etcd.start()
+                stack.callback(etcd.stop)
+                yield etcd, None, None
+            else:
+                etcd, apiserver = stack.enter_context(testenv.control_plane(self.workdir))
+                net = stack.enter_context(PodNetwork())
+                yield etcd, apiserver, net
+
+    async def run(self, seconds: float) -> None:
+        with self.infrastructure() as (etcd_server, apiserver, net):
+            procs = []
+            etcd = store.client(etcd_server.endpoint)
+            kube = await Kube.connect(str(apiserver.kubeconfig)) if apiserver else None
+            try:
+                for name in BACKENDS:
+                    if net is not None:
+                        net.add_host(name)
+                        net.echo(name, PORT)
+                        self.hosts[name] = (net.hosts[name], PORT)
+                    else:
+                        port = testenv.free_port()
+                        procs.append(
+                            await asyncio.create_subprocess_exec(
+                                sys.executable,
+                                "-m",
+                                "tests.echo",
+                                name,
+                                "127.0.0.1",
+                                str(port),
+                                stdout=asyncio.subprocess.DEVNULL,
+                                cwd=testenv.ROOT,
+                            )
+                        )
+                        self.hosts[name] = ("127.0.0.1", port)
+                if apiserver is not None and kube is not None:
+                    await self.create_kubernetes_objects(kube)
+                    procs_sync = [
+                        testenv.start_controller(
+                            apiserver.kubeconfig,
+                            etcd_server.endpoint,
+                            self.workdir / "controller.log",
+                            log_level="warning",
+                        )
+                    ]
+                else:
+                    procs_sync = []
+                procs_sync += [
+                    testenv.start_proxy(
+                        etcd_server.endpoint,
+                        self.workdir / f"proxy{i}.log",
+                        port=p,
+                        admin_port=a,
+                        identity=f"proxy-{i}",
+                        log_level="warning",
+                    )
+                    for i, (p, a) in enumerate(zip(self.proxy_ports, self.admin_ports, strict=True))
+                ]
+                try:
+                    mode = (
+                        "Kubernetes annotations → controller → etcd"
+                        if kube
+                        else "sets written to etcd"
+                    )
+                    print(f"{BOLD}Weighbridge demo{RESET}: 3 backends, 2 proxies, {mode}")
+                    print(
+                        f"{DIM}etcd {etcd_server.endpoint}; proxies 127.0.0.1:{self.proxy_ports[0]} and "
+                        f":{self.proxy_ports[1]} (authority {SVC}.{NS}); admin :{self.admin_ports[0]} "
+                        f":{self.admin_ports[1]}; logs in {self.workdir}{RESET}\n"
+                    )
+                    for phase in PHASES:
+                        started = time.perf_counter()
+                        generation = await self.apply(phase, kube, etcd)
+                        await self.wait_applied(generation)
+                        applied_ms = (time.perf_counter() - started) * 1000
+                        await self.traffic(phase, etcd, seconds, applied_ms)
+                finally:
+                    for p in procs_sync:
+                        p.terminate()
+                    for p in procs_sync:
+                        p.wait(timeout=15)
+            finally:
+                for ap in procs:
+                    ap.terminate()
+                    await ap.wait()
+                await etcd.close()
+                if kube is not None:
+                    await kube.close()
+
+    async def create_kubernetes_objects(self, kube: Kube) -> None:
+        await kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": NS}})
+        for name, version in BACKENDS.items():
+            await kube.request(
+                "POST",
+                f"/api/v1/namespaces/{NS}/pods",
+                body={
+                    "metadata": {"name": name, "labels": {"app": SVC, "version": version}},
+                    "spec": {"containers": [{"name": "app", "image": "registry.invalid/shop:1"}]},
                 },
-                "targetRef": {"kind": "Pod", "name": name, "namespace": NS},
-            }
-            for i, (name, _) in enumerate(pods)
-        ],
-    }
-
-
-def show(bs: BackendSet | None, pods: dict[str, str]) -> None:
-    if bs is None:
-        print(f"  {DIM}(no backend set in etcd){RESET}")
-        return
-    probabilities = bs.probabilities()
-    print(f"  strategy {BOLD}{bs.strategy}{RESET}, generation {bs.generation}")
-    groups: dict[str, float] = {}
-    for e in bs.endpoints:
-        share = float(probabilities.get(e.hostport, 0))
-        groups[pods.get(e.pod, "?")] = groups.get(pods.get(e.pod, "?"), 0) + share
-        state = "terminating" if e.terminating else ("" if e.serving else "not serving")
-        bar = "█" * round(share * 40)
-        version = pods.get(e.pod, "")
-        print(f"  {e.pod:<10} {version:<3} w={e.weight:<4} {share:7.2%} {bar} {DIM}{state}{RESET}")
-    print("  by version: " + ", ".join(f"{v} {s:.0%}" for v, s in sorted(groups.items())))
-
-
-async def demo(pause: float, keep: bool, workdir: Path) -> None:
-    with testenv.control_plane(workdir) as (etcd_server, apiserver):
-        print(f"{DIM}etcd {etcd_server.endpoint}, kubeconfig {apiserver.kubeconfig}{RESET}")
-        kube = await Kube.connect(str(apiserver.kubeconfig))
-        etcd = store.client(etcd_server.endpoint)
-        scheme = KeyScheme()
-        controller = testenv.start_controller(
-            apiserver.kubeconfig,
-            etcd_server.endpoint,
-            workdir / "controller.log",
-            log_level="warning",
-        )
-        try:
-            await run_steps(kube, etcd, scheme, pause)
-            if keep:
-                print(
-                    f"\n{BOLD}Still running.{RESET} Try, in another shell:\n"
-                    f"  WEIGHBRIDGE_ETCD={etcd_server.endpoint} .venv/bin/wbctl get {NS}/{SVC}\n"
-                    f"Ctrl-C stops everything."
-                )
-                await asyncio.Event().wait()
-        finally:
-            controller.terminate()
-            controller.wait(timeout=15)
-            await etcd.close()
-            await kube.close()
-
-
-async def run_steps(kube: Kube, etcd: Any, scheme: KeyScheme, pause: float) -> None:
-    key = ServiceKey(f"{NS}/{SVC}")
-    pods = [(f"{SVC}-{i}", "v1") for i in range(3)] + [(f"{SVC}-3", "v2")]
-    versions = dict(pods)
-    slices = f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
-    service_path = f"/api/v1/namespaces/{NS}/services/{SVC}"
-
-    async def annotate(path: str, annotations: dict[str, str | None]) -> None:
-        await kube.request(
-            "PATCH",
-            path,
-            body={"metadata": {"annotations": annotations}},
-            content_type="application/merge-patch+json",
-        )
-
-    async def add_pod(name: str, version: str) -> None:
-        await kube.request(
-            "POST",
-            f"/api/v1/namespaces/{NS}/pods",
-            body={
-                "metadata": {"name": name, "labels": {"app": SVC, "version": version}},
-                "spec": {"containers": [{"name": "app", "image": "registry.invalid/shop:1"}]},
-            },
-        )
-
-    async def put_slice(terminating: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        current = await kube.request("GET", f"{slices}/{SVC}-1")
-        body = slice_body(pods, terminating)
-        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        await kube.request("PUT", f"{slices}/{SVC}-1", body=body)
-
-    async def generation() -> int | None:
-        found = await store.get_set(etcd, scheme, key)
-        return found.backend_set.generation if found and found.backend_set else None
-
-    async def step(
-        title: str, yaml: str, action: Callable[[], Awaitable[None]], *, changes: bool = True
-    ) -> None:
-        gen = await generation()
-        print(f"\n{BOLD}▶ {title}{RESET}")
-        for line in yaml.strip().splitlines():
-            print(f"  {DIM}{line}{RESET}")
-        t0 = time.perf_counter()
-        await action()
-        deadline = time.monotonic() + (10 if changes else 1)
-        while time.monotonic() < deadline and await generation() == gen:
-            await asyncio.sleep(0.005)
-        elapsed = (time.perf_counter() - t0) * 1000
-        if changes:
-            print(f"  {DIM}etcd updated {elapsed:.0f} ms after the Kubernetes change{RESET}")
-        else:
-            print(f"  {DIM}etcd unchanged{RESET}")
-        found = await store.get_set(etcd, scheme, key)
-        show(found.backend_set if found else None, versions)
-        await asyncio.sleep(pause)
-
-    deadline = time.monotonic() + 60
-    while await etcd.get(scheme.leader_key) is None:  # the controller is up and leading
-        if time.monotonic() > deadline:
-            raise TimeoutError("the controller did not start; see its log")
-        await asyncio.sleep(0.1)
-    await kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": NS}})
-    for name, version in pods:
-        await add_pod(name, version)
-
-    async def create() -> None:
+            )
         await kube.request(
             "POST",
             f"/api/v1/namespaces/{NS}/services",
+            body={"metadata": {"name": SVC}, "spec": {"ports": [{"name": "grpc", "port": PORT}]}},
+        )
+        await kube.request(
+            "POST",
+            f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices",
             body={
-                "metadata": {
-                    "name": SVC,
-                    "annotations": {"weighbridge.io/strategy": "round_robin"},
-                },
-                "spec": {"ports": [{"name": "grpc", "port": 50051}]},
+                "metadata": {"name": f"{SVC}-1", "labels": {"kubernetes.io/service-name": SVC}},
+                "addressType": "IPv4",
+                "ports": [{"name": "grpc", "port": PORT, "protocol": "TCP"}],
+                "endpoints": [
+                    {
+                        "addresses": [ip],
+                        "conditions": {"ready": True},
+                        "targetRef": {"kind": "Pod", "name": name, "namespace": NS},
+                    }
+                    for name, (ip, _) in self.hosts.items()
+                ],
             },
         )
-        await kube.request("POST", slices, body=slice_body(pods))
 
-    await step(
-        "Annotate a Service: round robin over its 4 pods (3 of v1, 1 of v2)",
-        "weighbridge.io/strategy: round_robin",
-        create,
-    )
-    await step(
-        "Canary: 90% to v1, 10% to v2, whatever the replica counts",
-        "weighbridge.io/strategy: weighted_round_robin\nweighbridge.io/weights: |\n"
-        "  version=v1: 90%\n  version=v2: 10%",
-        lambda: annotate(
-            service_path,
-            {
-                "weighbridge.io/strategy": "weighted_round_robin",
-                "weighbridge.io/weights": "version=v1: 90%\nversion=v2: 10%",
-            },
-        ),
-    )
+    async def apply(self, phase: Phase, kube: Kube | None, etcd: Any) -> int:
+        """Make the change; returns the generation before it."""
+        found = await store.get_set(etcd, self.scheme, self.key)
+        before = found.backend_set.generation if found and found.backend_set else 0
+        print(f"{BOLD}▶ {phase.title}{RESET}")
+        if kube is not None:
+            annotations = {
+                "weighbridge.io/strategy": phase.strategy,
+                "weighbridge.io/weights": phase.weights,
+            }
+            print(
+                f"  {DIM}kubectl annotate service {SVC} -n {NS} --overwrite "
+                + " ".join(f"{k}={v!r}" if v else f"{k}-" for k, v in annotations.items())
+                + RESET
+            )
+            await kube.request(
+                "PATCH",
+                f"/api/v1/namespaces/{NS}/services/{SVC}",
+                body={"metadata": {"annotations": annotations}},
+                content_type="application/merge-patch+json",
+            )
+        else:
+            endpoints = tuple(
+                Endpoint(ip, port, weight=phase.pod_weights.get(name, 1), pod=name)
+                for name, (ip, port) in self.hosts.items()
+            )
+            print(
+                f"  {DIM}wbctl put {self.key} --strategy {phase.strategy} "
+                + " ".join(f"--endpoint {e.hostport}={e.weight}" for e in endpoints)
+                + RESET
+            )
+            await store.put_set(
+                etcd,
+                self.scheme,
+                BackendSet(
+                    namespace=NS,
+                    name=SVC,
+                    strategy=phase.strategy,
+                    endpoints=endpoints,
+                    generation=before + 1,
+                ),
+            )
+        return before
 
-    async def scale_v2() -> None:
-        for i in (4, 5):
-            pods.append((f"{SVC}-{i}", "v2"))
-            versions[f"{SVC}-{i}"] = "v2"
-            await add_pod(f"{SVC}-{i}", "v2")
-        await put_slice()
+    async def wait_applied(self, before: int, interval: float = 0.01) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            generations = []
+            for port in self.admin_ports:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                        listing = await admin_pb2_grpc.AdminStub(ch).ListBackendSets(
+                            admin_pb2.ListBackendSetsRequest(), timeout=1
+                        )
+                        generations += [s.backend_set.generation for s in listing.services]
+            if len(generations) == 2 and min(generations) > before:
+                return
+            await asyncio.sleep(interval)
+        raise TimeoutError("the proxies did not apply the change; see the logs")
 
-    await step(
-        "Scale v2 to 3 pods: v2 still gets 10% in all",
-        "(2 more v2 pods join the EndpointSlice)",
-        scale_v2,
-    )
-    await step(
-        "A per-pod weight: shop-0 takes 3 times its v1 siblings' share",
-        'metadata.annotations (Pod shop-0):\n  weighbridge.io/weight: "3"',
-        lambda: annotate(f"/api/v1/namespaces/{NS}/pods/{SVC}-0", {"weighbridge.io/weight": "3"}),
-    )
-    await step(
-        "shop-1 is terminating: no new requests for it",
-        "EndpointSlice conditions: terminating=true",
-        lambda: put_slice({f"{SVC}-1"}),
-    )
+    async def traffic(self, phase: Phase, etcd: Any, seconds: float, applied_ms: float) -> None:
+        found = await store.get_set(etcd, self.scheme, self.key)
+        assert found is not None and found.backend_set is not None
+        expected = {
+            e.pod: found.backend_set.probabilities().get(e.hostport, Fraction(0))
+            for e in found.backend_set.endpoints
+        }
+        counts = [Counter[str](), Counter[str]()]
+        stop = time.monotonic() + seconds
 
-    async def bad() -> None:
-        await annotate(service_path, {"weighbridge.io/weights": "version=v1: 90%\nversion=v2: 20%"})
-        await asyncio.sleep(0.3)
-        events = await kube.request(
-            "GET",
-            f"/api/v1/namespaces/{NS}/events",
-            query={"fieldSelector": f"involvedObject.name={SVC}"},
+        async def client(i: int, ch: grpc.aio.Channel) -> None:
+            unary = ch.unary_unary("/test.Echo/Unary")
+            while time.monotonic() < stop:
+                call = unary(b"", timeout=5)
+                counts[i][str(dict(await call.initial_metadata()).get("x-backend"))] += 1
+                await call
+
+        async with self.channels() as chans:
+            tasks = [
+                asyncio.create_task(client(i, ch)) for i, ch in enumerate(chans) for _ in range(4)
+            ]
+            lines = 0
+            while not all(t.done() for t in tasks):
+                await asyncio.sleep(0.25)
+                lines = self.table(counts, expected, lines, applied_ms)
+            await asyncio.gather(*tasks)
+            self.table(counts, expected, lines, applied_ms)
+        print()
+
+    @contextlib.asynccontextmanager
+    async def channels(self) -> AsyncIterator[list[grpc.aio.Channel]]:
+        chans = [
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{p}", options=[("grpc.default_authority", f"{SVC}.{NS}")]
+            )
+            for p in self.proxy_ports
+        ]
+        try:
+            yield chans
+        finally:
+            for ch in chans:
+                await ch.close()
+
+    def table(
+        self,
+        counts: list[Counter[str]],
+        expected: dict[str, Fraction],
+        lines: int,
+        applied_ms: float,
+    ) -> int:
+        if lines:
+            sys.stdout.write(f"\033[{lines}F{CLEAR}")
+        total = sum(sum(c.values()) for c in counts) or 1
+        rows = [
+            f"  {'backend':<10} {'version':<8} {'proxy-0':>8} {'proxy-1':>8} {'share':>7} {'expected':>9}"
+        ]
+        for name, version in BACKENDS.items():
+            n = counts[0][name] + counts[1][name]
+            share = n / total
+            bar = "█" * round(share * 30)
+            rows.append(
+                f"  {name:<10} {version:<8} {counts[0][name]:>8} {counts[1][name]:>8} "
+                f"{share:>7.1%} {float(expected.get(name, 0)):>9.1%} {bar}"
+            )
+        rows.append(
+            f"  {DIM}{total} calls; both proxies applied the change {applied_ms:.0f} ms after it was made{RESET}"
         )
-        for e in events.get("items", [])[-1:]:
-            print(f"  Event {e['type']} {e['reason']}: {e['message']}")
-
-    await step(
-        "A typo: shares add up to 110% → a Warning Event, the last good set stays",
-        "weighbridge.io/weights: version=v1: 90% / version=v2: 20%",
-        bad,
-        changes=False,
-    )
-    await step(
-        "Random, uniform over every serving pod",
-        "weighbridge.io/strategy: random  (weights removed)",
-        lambda: annotate(
-            service_path, {"weighbridge.io/strategy": "random", "weighbridge.io/weights": None}
-        ),
-    )
-    await step(
-        "Opt out: remove the strategy annotation → the key leaves etcd",
-        "weighbridge.io/strategy: (removed)",
-        lambda: annotate(service_path, {"weighbridge.io/strategy": None}),
-    )
+        sys.stdout.write("\n".join(rows) + "\n")
+        sys.stdout.flush()
+        return len(rows)
 
 
 def main() -> None:
@@ -258,18 +347,21 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--pause", type=float, default=1.5, help="seconds between steps (default: %(default)s)"
+        "--seconds", type=float, default=4.0, help="traffic per strategy (default: %(default)s)"
     )
     p.add_argument(
-        "--keep", action="store_true", help="keep everything running after the steps until Ctrl-C"
+        "--etcd-only",
+        action="store_true",
+        help="no Kubernetes: backends on loopback, sets written to etcd directly",
     )
     args = p.parse_args()
+    etcd_only = args.etcd_only or os.geteuid() != 0 or shutil.which("ip") is None
     with (
         tempfile.TemporaryDirectory(prefix="weighbridge-demo-") as tmp,
         contextlib.suppress(KeyboardInterrupt),
     ):
-        asyncio.run(demo(args.pause, args.keep, Path(tmp)))
-    print("\nstopped everything the demo started")
+        asyncio.run(Demo(Path(tmp), etcd_only).run(args.seconds))
+    print("stopped everything the demo started")
 
 
 if __name__ == "__main__":
