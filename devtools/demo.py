@@ -151,9 +151,10 @@ class Demo:
                     )
                     print(f"{BOLD}Weighbridge demo{RESET}: 3 backends, 2 proxies, {mode}")
                     print(
-                        f"{DIM}etcd {etcd_server.endpoint}; proxies 127.0.0.1:{self.proxy_ports[0]} and "
-                        f":{self.proxy_ports[1]} (authority {SVC}.{NS}); admin :{self.admin_ports[0]} "
-                        f":{self.admin_ports[1]}; logs in {self.workdir}{RESET}\n"
+                        f"{DIM}etcd {etcd_server.endpoint}; proxies 127.0.0.1:"
+                        f"{self.proxy_ports[0]} and :{self.proxy_ports[1]} (authority "
+                        f"{SVC}.{NS}); admin :{self.admin_ports[0]} :{self.admin_ports[1]}; "
+                        f"logs in {self.workdir}{RESET}\n"
                     )
                     for phase in PHASES:
                         started = time.perf_counter()
@@ -321,9 +322,8 @@ class Demo:
         if lines:
             sys.stdout.write(f"\033[{lines}F{CLEAR}")
         total = sum(sum(c.values()) for c in counts) or 1
-        rows = [
-            f"  {'backend':<10} {'version':<8} {'proxy-0':>8} {'proxy-1':>8} {'share':>7} {'expected':>9}"
-        ]
+        head = ("backend", "version", "proxy-0", "proxy-1", "share", "expected")
+        rows = ["  {:<10} {:<8} {:>8} {:>8} {:>7} {:>9}".format(*head)]
         for name, version in BACKENDS.items():
             n = counts[0][name] + counts[1][name]
             share = n / total
@@ -333,7 +333,8 @@ class Demo:
                 f"{share:>7.1%} {float(expected.get(name, 0)):>9.1%} {bar}"
             )
         rows.append(
-            f"  {DIM}{total} calls; both proxies applied the change {applied_ms:.0f} ms after it was made{RESET}"
+            f"  {DIM}{total} calls; both proxies applied the change "
+            f"{applied_ms:.0f} ms after it was made{RESET}"
         )
         sys.stdout.write("\n".join(rows) + "\n")
         sys.stdout.flush()
