@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from controlplane.kube import Kube
-from devtools import testenv
 from devtools.demo import NS, SVC, Demo
 from weighbridge import etcd as store
 
@@ -40,22 +39,7 @@ async def run(changes: int, workdir: Path) -> list[float]:
         kube = await Kube.connect(str(apiserver.kubeconfig))
         etcd = store.client(etcd_server.endpoint)
         await demo.create_kubernetes_objects(kube)
-        procs = [
-            testenv.start_controller(
-                apiserver.kubeconfig, etcd_server.endpoint, workdir / "c.log", log_level="warning"
-            )
-        ]
-        procs += [
-            testenv.start_proxy(
-                etcd_server.endpoint,
-                workdir / f"p{i}.log",
-                port=p,
-                admin_port=a,
-                identity=f"proxy-{i}",
-                log_level="warning",
-            )
-            for i, (p, a) in enumerate(zip(demo.proxy_ports, demo.admin_ports, strict=True))
-        ]
+        procs = demo.start_components(etcd_server, apiserver)
         try:
             path = f"/api/v1/namespaces/{NS}/services/{SVC}"
             await kube.request(

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,29 +121,9 @@ class Demo:
                             )
                         )
                         self.hosts[name] = ("127.0.0.1", port)
-                if apiserver is not None and kube is not None:
+                if kube is not None:
                     await self.create_kubernetes_objects(kube)
-                    procs_sync = [
-                        testenv.start_controller(
-                            apiserver.kubeconfig,
-                            etcd_server.endpoint,
-                            self.workdir / "controller.log",
-                            log_level="warning",
-                        )
-                    ]
-                else:
-                    procs_sync = []
-                procs_sync += [
-                    testenv.start_proxy(
-                        etcd_server.endpoint,
-                        self.workdir / f"proxy{i}.log",
-                        port=p,
-                        admin_port=a,
-                        identity=f"proxy-{i}",
-                        log_level="warning",
-                    )
-                    for i, (p, a) in enumerate(zip(self.proxy_ports, self.admin_ports, strict=True))
-                ]
+                procs_sync = self.start_components(etcd_server, apiserver)
                 try:
                     mode = (
                         "Kubernetes annotations → controller → etcd"
@@ -174,6 +155,33 @@ class Demo:
                 await etcd.close()
                 if kube is not None:
                     await kube.close()
+
+    def start_components(
+        self, etcd_server: testenv.Etcd, apiserver: testenv.KubeAPIServer | None
+    ) -> list[subprocess.Popen[bytes]]:
+        """The controller (with a kube-apiserver) and the two proxies, as processes."""
+        procs = []
+        if apiserver is not None:
+            procs.append(
+                testenv.start_controller(
+                    apiserver.kubeconfig,
+                    etcd_server.endpoint,
+                    self.workdir / "controller.log",
+                    log_level="warning",
+                )
+            )
+        for i, (port, admin) in enumerate(zip(self.proxy_ports, self.admin_ports, strict=True)):
+            procs.append(
+                testenv.start_proxy(
+                    etcd_server.endpoint,
+                    self.workdir / f"proxy{i}.log",
+                    port=port,
+                    admin_port=admin,
+                    identity=f"proxy-{i}",
+                    log_level="warning",
+                )
+            )
+        return procs
 
     async def create_kubernetes_objects(self, kube: Kube) -> None:
         await kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": NS}})
