@@ -267,6 +267,10 @@ def loadgen(
         AUTHORITY,
         "-duration",
         f"{seconds}s",
+        # Several connections, so that multi-process proxies (nginx workers, weighbridge
+        # workers) can use every process: the kernel hands each connection to one of them.
+        "-connections",
+        "8" if target.port is not None else "4",
     ]
     for k, v in mode.items():
         args += [f"-{k}", str(v)]
