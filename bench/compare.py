@@ -397,6 +397,8 @@ def chart(results: dict[str, dict[str, float]], path: Path) -> None:
             color=["#888", "#2a7", "#2a7", "#36c", "#c63"][: len(names)],
         )
         ax.set_title(title, fontsize=10)
+        if key == "p99_us":
+            ax.set_yscale("log")
         ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
