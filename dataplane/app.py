@@ -63,6 +63,9 @@ class ProxyConfig:
     publish_status: bool = True
     """Publish the lease-bound status key <prefix>proxies/<id>."""
     max_message_bytes: int = 16 << 20
+    eager_connections: bool = True
+    """Connect to endpoints when they appear (first calls pay no connection set-up); off for
+    very large sets that mostly idle."""
 
 
 class Proxy:
@@ -81,7 +84,7 @@ class Proxy:
         self.scheme = scheme
         self.proxy_id = proxy_id
         self.config = config
-        self.pool = Pool()
+        self.pool = Pool(eager=config.eager_connections)
         self.router = Router(self.pool, rng)
         self.counters = ProxyCounters()
         self.settings = ProxySettings(max_message_bytes=config.max_message_bytes)

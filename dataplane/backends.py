@@ -212,7 +212,9 @@ def _ignore_result(task: asyncio.Task[BackendConnection]) -> None:
 class Pool:
     """Backends by ``host:port``, reference-counted by the backend sets that list them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, eager: bool = True) -> None:
+        self.eager = eager
+        """Connect to an endpoint as soon as a set lists it (else on its first call)."""
         self.backends: dict[str, Backend] = {}
         self.draining: dict[str, Backend] = {}
 
@@ -224,7 +226,8 @@ class Pool:
         backend.draining = False
         backend.refs += 1
         self.backends[hostport] = backend
-        backend.warm_up()
+        if self.eager:
+            backend.warm_up()
         return backend
 
     def release(self, backend: Backend) -> None:

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="proxy identity in its etcd status key (default: $POD_NAME or host name)",
     )
     p.add_argument(
+        "--lazy-connect",
+        action="store_true",
+        help="connect to an endpoint on its first call instead of when it appears "
+        "(for very large, mostly idle sets)",
+    )
+    p.add_argument(
         "--grace",
         type=float,
         default=10.0,
@@ -92,6 +98,7 @@ async def serve(args: argparse.Namespace, index: int) -> None:
             metrics_listen=_offset(args.metrics_listen, index) if args.metrics_listen else None,
             reuse_port=True,
             max_message_bytes=args.max_message_bytes,
+            eager_connections=not args.lazy_connect,
         ),
     )
     stop = asyncio.Event()

@@ -171,7 +171,7 @@ class KubeAPIServer:
                     "--advertise-address=127.0.0.1",
                     # The "kubernetes" Service endpoints would have to be a non-loopback IP.
                     "--endpoint-reconciler-type=none",
-                    "--service-cluster-ip-range=10.96.0.0/24",
+                    "--service-cluster-ip-range=10.96.0.0/16",
                     "--authorization-mode=RBAC",
                     f"--token-auth-file={self.dir / 'tokens.csv'}",
                     "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
