@@ -37,6 +37,11 @@ from weighbridge.model import BackendSet, Endpoint
 from weighbridge.v1 import admin_pb2, admin_pb2_grpc
 
 
+def benchmark_ip(n: int) -> str:
+    """The n-th address of 198.18.0.0/15 (RFC 2544); nothing is ever sent to it."""
+    return f"198.{18 + n // 65536}.{n // 256 % 256}.{n % 256}"
+
+
 def start_proxies(
     n: int, etcd: str, scheme: KeyScheme, work: Path, lazy: bool = False
 ) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
@@ -170,9 +175,7 @@ async def services(count: int, endpoints: int, work: Path) -> None:
                         "ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}],
                         "endpoints": [
                             {
-                                "addresses": [
-                                    f"198.{18 + (i * endpoints + j) // 65536}.{(i * endpoints + j) // 256 % 256}.{(i * endpoints + j) % 256}"
-                                ],
+                                "addresses": [benchmark_ip(i * endpoints + j)],
                                 "conditions": {"ready": True},
                             }
                             for j in range(endpoints)
@@ -215,8 +218,8 @@ async def services(count: int, endpoints: int, work: Path) -> None:
                 f"proxy applied all: {applied_at:.1f} s after controller start"
             )
             print(
-                f"RSS with {count} sets / {count * endpoints} endpoints: proxy {rss_mb(procs[0].pid):.0f} MB, "
-                f"controller {rss_mb(controller.pid):.0f} MB"
+                f"RSS with {count} sets / {count * endpoints} endpoints: "
+                f"proxy {rss_mb(procs[0].pid):.0f} MB, controller {rss_mb(controller.pid):.0f} MB"
             )
             out = []
             for i in range(50):
@@ -235,8 +238,8 @@ async def services(count: int, endpoints: int, work: Path) -> None:
                         break
                 out.append((time.perf_counter() - t1) * 1000)
             print(
-                f"one Service's annotation change → proxy applied, with all {count} loaded, 50 changes: "
-                f"p50 {pct(out, 50):.1f} ms, p99 {pct(out, 99):.1f} ms"
+                f"one Service's annotation change → proxy applied, with all {count} loaded, "
+                f"50 changes: p50 {pct(out, 50):.1f} ms, p99 {pct(out, 99):.1f} ms"
             )
         finally:
             await chan.close()
