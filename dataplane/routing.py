@@ -153,7 +153,9 @@ class Router:
         self.pool = pool
         self.rng = rng or random.Random()
         self.services: dict[ServiceKey, ServiceState] = {}
-        self.by_grpc_service: dict[str, ServiceState] = {}
+        self.by_grpc_service: dict[str, ServiceKey] = {}
+        """gRPC service name → the Service that declares it (looked up in ``services``, so a
+        replaced ServiceState is never served stale)."""
         self._authority_cache: dict[bytes, ServiceKey | None] = {}
         self._stats: dict[ServiceKey, dict[str, BackendStats]] = {}
 
@@ -174,27 +176,24 @@ class Router:
             live = {e.hostport for e in backend_set.endpoints}
             for hostport in [h for h, s in stats.items() if h not in live and not s.in_flight]:
                 del stats[hostport]
-        if (
-            old is None
-            or backend_set is None
-            or old.backend_set.grpc_services != backend_set.grpc_services
-        ):
+        old_names = old.backend_set.grpc_services if old is not None else ()
+        new_names = backend_set.grpc_services if backend_set is not None else ()
+        if old_names != new_names:  # O(Services), so only when the names change
             self._rebuild_grpc_services()
 
     def _rebuild_grpc_services(self) -> None:
-        table: dict[str, ServiceState] = {}
+        table: dict[str, ServiceKey] = {}
         for key in sorted(self.services):
-            state = self.services[key]
-            for name in state.backend_set.grpc_services:
+            for name in self.services[key].backend_set.grpc_services:
                 if name in table:
                     log.warning(
                         "grpc_service_claimed_twice",
                         grpc_service=name,
-                        kept=table[name].key,
+                        kept=table[name],
                         ignored=key,
                     )
                     continue
-                table[name] = state
+                table[name] = key
         self.by_grpc_service = table
 
     def route(self, authority: bytes, path: bytes) -> tuple[ServiceState, str]:
@@ -214,7 +213,8 @@ class Router:
         service = (
             path[1 : path.rfind(b"/")].decode("ascii", "replace") if path.startswith(b"/") else ""
         )
-        state = self.by_grpc_service.get(service) if service else None
+        owner = self.by_grpc_service.get(service) if service else None
+        state = self.services.get(owner) if owner is not None else None
         if state is not None:
             return state, "grpc-service"
         if key is not None:

@@ -330,6 +330,14 @@ async def test_routing_by_authority_forms_and_grpc_service(
                 assert await who(ch) == "a", authority
         async with channel(proxy, "proxy.example:8080") as ch:  # by gRPC service name
             assert await who(ch) == "b"
+            # An update that keeps the gRPC service names routes by the new set at once.
+            await applied(
+                proxy,
+                await put(
+                    etcd, scheme, "round_robin", [a], name="other", grpc_services=("test.Echo",)
+                ),
+            )
+            assert {await who(ch) for _ in range(4)} == {"a"}
 
 
 async def test_message_over_the_limit_is_refused(
