@@ -211,7 +211,9 @@ async def services(count: int, endpoints: int, work: Path) -> None:
                     raise TimeoutError(f"only {len(result.kvs)} sets after 900 s")
                 await asyncio.sleep(0.2)
             synced = time.perf_counter() - t0
-            await wait_all([stub], "", result.header.revision, timeout=600)
+            # Ask for one set only: the applied revision is global, and listing all 10,000
+            # sets on every poll would keep the proxy busy serving the poll.
+            await wait_all([stub], f"{ns}/svc-0", result.header.revision, timeout=600)
             applied_at = time.perf_counter() - t0
             print(
                 f"controller full sync (process start → {count} sets in etcd): {synced:.1f} s; "

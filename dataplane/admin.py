@@ -59,10 +59,12 @@ class AdminService(api_grpc.AdminServicer):
             etcd_last_error=sub.last_error,
             relists=sub.relists,
         )
-        for key in sorted(self.router.services):
-            if request.service and key != request.service:
-                continue
-            response.services.append(service_status(self.router.services[key]))
+        services = self.router.services
+        keys = [request.service] if request.service else sorted(services)
+        for key in keys:
+            state = services.get(key)  # type: ignore[call-overload]
+            if state is not None:
+                response.services.append(service_status(state))
         if request.service and not response.services:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no backend set for {request.service}")
         return response
