@@ -91,6 +91,13 @@ class Pipe:
         self.pending.append([data, flow])
         self.flush()
 
+    def discard(self) -> None:
+        """Drop what is buffered, returning its flow-control window to the sender (else the
+        connection's window would shrink for good with every call cut short)."""
+        for item in self.pending:
+            self._ack(item[1])  # type: ignore[arg-type]
+        self.pending.clear()
+
     def finish(self, trailers: Headers | None) -> None:
         if not self.ended:
             self.ended = True
@@ -137,7 +144,7 @@ class Pipe:
                 self.call.pipe_done(self)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self.closed = True
-            self.pending.clear()
+            self.discard()
 
 
 class Call:
@@ -324,7 +331,7 @@ class Call:
             return
         self._reset_backend()
         self.response.closed = True
-        self.response.pending.clear()
+        self.response.discard()
         try:
             if self.response_started:
                 self.front.h2.send_headers(
@@ -360,7 +367,7 @@ class Call:
         if status is not None:
             self.status = status
         self.request.closed = True
-        self.request.pending.clear()
+        self.request.discard()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

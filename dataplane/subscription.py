@@ -86,7 +86,13 @@ class Subscription:
         return revision
 
     async def _watch(self, start: int) -> None:
-        watch = await self.etcd.watch_prefix(self.scheme.services_prefix, start_revision=start)
+        try:
+            # aetcd can wait without a deadline for a watch to be created on a broken stream.
+            watch = await asyncio.wait_for(
+                self.etcd.watch_prefix(self.scheme.services_prefix, start_revision=start), 10
+            )
+        except TimeoutError as exc:
+            raise EtcdUnavailableError("creating the etcd watch timed out") from exc
         try:
             async for event in watch:
                 kv = event.kv

@@ -78,7 +78,7 @@ async def read_all(call: grpc.aio.UnaryStreamCall) -> list[bytes]:  # type: igno
 
 
 async def who(ch: grpc.aio.Channel) -> str:
-    call = ch.unary_unary("/test.Echo/Unary")(b"")
+    call = ch.unary_unary("/test.Echo/Unary")(b"", timeout=10)
     md = dict(await call.initial_metadata())
     await call
     return str(md["x-backend"])
