@@ -72,6 +72,13 @@ def set_to_json(stored: store.StoredSet) -> dict[str, Any]:
     }
 
 
+def write_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Left-aligned columns, two spaces apart, as kubectl prints them."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
 def print_table(sets: Sequence[store.StoredSet], out: TextIO) -> None:
     rows = [("SERVICE", "STRATEGY", "GEN", "ENDPOINTS", "ELIGIBLE", "REVISION", "SOURCE")]
     for s in sets:
@@ -90,9 +97,7 @@ def print_table(sets: Sequence[store.StoredSet], out: TextIO) -> None:
                 bs.source,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    write_table(rows, out)
 
 
 def print_endpoints(stored: store.StoredSet, out: TextIO) -> None:
@@ -115,9 +120,7 @@ def print_endpoints(stored: store.StoredSet, out: TextIO) -> None:
                 e.pod or "-",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    write_table(rows, out)
 
 
 async def show_proxies(etcd: aetcd.Client, scheme: KeyScheme, output: str, out: TextIO) -> int:
@@ -145,9 +148,7 @@ async def show_proxies(etcd: aetcd.Client, scheme: KeyScheme, output: str, out: 
         age = f"{(now - s.updated_unix_nanos) / 1e9:.0f}s ago"
         sync = "yes" if s.applied_revision >= latest else f"no (sets at {latest})"
         rows.append((s.id, str(s.applied_revision), str(s.backend_sets), sync, age))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    write_table(rows, out)
     return 0
 
 
