@@ -23,7 +23,7 @@ from controlplane.kube import Kube
 from controlplane.metrics import Metrics
 from controlplane.reconciling import Controller
 from weighbridge import etcd as store
-from weighbridge.cli import add_etcd_arguments, add_log_arguments
+from weighbridge.cli import add_etcd_arguments, add_log_arguments, split_hostport
 from weighbridge.keys import KeyScheme
 from weighbridge.logs import configure
 
@@ -88,15 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _split(hostport: str) -> tuple[str, int]:
-    host, _, port = hostport.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 async def run(args: argparse.Namespace) -> None:
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(registry)
-    host, port = _split(args.metrics_listen)
+    host, port = split_hostport(args.metrics_listen)
     metrics_server, metrics_thread = start_http_server(port, addr=host, registry=registry)
 
     health_servicer = health_aio.HealthServicer()

@@ -23,17 +23,11 @@ from dataplane.metrics import ProxyCollector
 from dataplane.proxying import FrontConnection, ProxyCounters, ProxySettings
 from dataplane.routing import Router
 from dataplane.subscription import StatusPublisher, Subscription
+from weighbridge.cli import split_hostport
 from weighbridge.keys import KeyScheme
 from weighbridge.v1 import admin_pb2, admin_pb2_grpc
 
 log = structlog.get_logger(__name__)
-
-
-def split_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def listening_socket(hostport: str, *, reuse_port: bool) -> socket.socket:

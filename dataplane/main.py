@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import structlog
 
-from dataplane.app import Proxy, ProxyConfig, split_hostport
+from dataplane.app import Proxy, ProxyConfig
 from weighbridge import etcd as store
-from weighbridge.cli import add_etcd_arguments, add_log_arguments
+from weighbridge.cli import add_etcd_arguments, add_log_arguments, split_hostport
 from weighbridge.keys import KeyScheme
 from weighbridge.logs import configure
 

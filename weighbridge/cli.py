@@ -9,6 +9,14 @@ from weighbridge.etcd import DEFAULT_ENDPOINT
 from weighbridge.keys import DEFAULT_PREFIX
 
 
+def split_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` of a listen option; an empty host means all interfaces."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
     """``--etcd`` and ``--prefix``, defaulting to $WEIGHBRIDGE_ETCD and $WEIGHBRIDGE_PREFIX."""
     parser.add_argument(
