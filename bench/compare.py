@@ -35,12 +35,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.procstat import cpu_seconds, rss_mb, tree
 from devtools import testenv
 from weighbridge import etcd as store
 from weighbridge.keys import KeyScheme
 from weighbridge.model import BackendSet, Endpoint
 
-TICK = os.sysconf("SC_CLK_TCK")
 ROOT = testenv.ROOT
 AUTHORITY = "echo.default"
 
@@ -54,41 +54,6 @@ def build_go() -> Path:
         env={**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"},
     )
     return out
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (nginx and weighbridge fork workers)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for p in pids:
-        with contextlib.suppress(OSError):
-            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(f[11]) + int(f[12])) / TICK
-    return total
-
-
-def rss_mb(pids: list[int]) -> float:
-    total = 0
-    for p in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total / 1024
 
 
 @dataclass

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.procstat import pct
 from controlplane.kube import Kube
 from devtools import testenv
 from weighbridge import etcd as store
@@ -29,11 +30,6 @@ from weighbridge.keys import KeyScheme, ServiceKey
 from weighbridge.model import BackendSet, decode
 
 NS = "bench"
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def _pod_weight_is(weight: int) -> Callable[[BackendSet], bool]:

@@ -17,14 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.procstat import pct
 from controlplane.kube import Kube
 from devtools.demo import NS, SVC, Demo
 from weighbridge import etcd as store
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 async def run(changes: int, workdir: Path) -> list[float]:

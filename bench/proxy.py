@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import pstats
 import re
 import shutil
@@ -33,29 +32,11 @@ from pathlib import Path
 
 import grpc
 
+from bench.procstat import cpu_seconds, pct, rss_mb
 from devtools import testenv
 from weighbridge import etcd as store
 from weighbridge.keys import KeyScheme
 from weighbridge.model import BackendSet, Endpoint
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 @contextlib.contextmanager
@@ -233,7 +214,7 @@ def load(requests: int, profile: bool, workdir: Path) -> None:
         pid = env["proxy"].pid  # type: ignore[attr-defined]
         direct = h2load(a, 20_000, body)
         warm = h2load(env["port"], 10_000, body)  # type: ignore[arg-type]
-        rss0, cpu0 = rss_mb(pid), cpu_seconds(pid)
+        rss0, cpu0 = rss_mb([pid]), cpu_seconds([pid])
         samples = [rss0]
         done = 0
         rps: list[float] = []
@@ -242,8 +223,8 @@ def load(requests: int, profile: bool, workdir: Path) -> None:
             r = h2load(env["port"], chunk, body)  # type: ignore[arg-type]
             done += int(r["succeeded"])
             rps.append(r["rps"])
-            samples.append(rss_mb(pid))
-        cpu = cpu_seconds(pid) - cpu0
+            samples.append(rss_mb([pid]))
+        cpu = cpu_seconds([pid]) - cpu0
     print(
         f"direct to one backend: {direct['rps']:.0f} req/s "
         f"(warm-up through proxy: {warm['rps']:.0f} req/s)"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.proxy import pct, rss_mb
+from bench.procstat import pct, rss_mb
 from controlplane.kube import Kube
 from devtools import testenv
 from weighbridge import etcd as store
@@ -221,7 +221,8 @@ async def services(count: int, endpoints: int, work: Path) -> None:
             )
             print(
                 f"RSS with {count} sets / {count * endpoints} endpoints: "
-                f"proxy {rss_mb(procs[0].pid):.0f} MB, controller {rss_mb(controller.pid):.0f} MB"
+                f"proxy {rss_mb([procs[0].pid]):.0f} MB, "
+                f"controller {rss_mb([controller.pid]):.0f} MB"
             )
             out = []
             for i in range(50):
