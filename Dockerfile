@@ -1,12 +1,15 @@
 # The image the Helm chart runs: weighbridge-controller, weighbridge-proxy and wbctl.
 #   docker build -t weighbridge/weighbridge:0.1.0 .
 FROM python:3.11-slim AS build
+# The proxy's data path (native/) is Rust, built into a wheel by maturin.
+RUN apt-get update && apt-get install -y --no-install-recommends cargo && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY weighbridge weighbridge
 COPY controlplane controlplane
 COPY dataplane dataplane
-RUN pip install --no-cache-dir --prefix=/install .
+COPY native native
+RUN pip install --no-cache-dir --prefix=/install . ./native
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

@@ -4,8 +4,10 @@ One run measures, on the same two grpc-go echo backends (bench/go/echo) with rou
 the same load generator (bench/go/loadgen, grpc-go, raw bytes, 64-byte unary calls):
 
     direct          the load generator calls both backends itself (the limit)
-    weighbridge-1   weighbridge-proxy --workers 1
+    weighbridge-1   weighbridge-proxy --workers 1 (the Rust data path, the default)
     weighbridge-N   weighbridge-proxy --workers <cores>
+    weighbridge-python-1   weighbridge-proxy --engine python (the pure-Python data path, for
+                    the before/after of moving the data path to Rust)
     nginx           nginx grpc_pass (Debian package)
     haproxy         HAProxy, proto h2 (Debian package)
 
@@ -148,9 +150,10 @@ def environment(work: Path, bins: Path) -> Iterator[tuple[list[Target], list[int
         asyncio.run(put())
         targets = [Target("direct", None)]
         log = (work / "proxies.log").open("wb")
-        for name, workers in (
-            ("weighbridge-1", 1),
-            (f"weighbridge-{os.cpu_count()}", os.cpu_count() or 2),
+        for name, workers, engine in (
+            ("weighbridge-1", 1, "native"),
+            (f"weighbridge-{os.cpu_count()}", os.cpu_count() or 2, "native"),
+            ("weighbridge-python-1", 1, "python"),
         ):
             port = testenv.free_port()
             proc = subprocess.Popen(
@@ -170,6 +173,8 @@ def environment(work: Path, bins: Path) -> Iterator[tuple[list[Target], list[int
                     "127.0.0.1:0",
                     "--workers",
                     str(workers),
+                    "--engine",
+                    engine,
                     "--log-level",
                     "warning",
                     "--log-format",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 
+from dataplane.native import NativeDataPath
 from dataplane.routing import NoRouteError, Router, ServiceState
 from dataplane.strategies import NoBackendError
 from dataplane.subscription import Subscription
@@ -43,14 +46,24 @@ def service_status(state: ServiceState) -> api.ServiceStatus:
 
 
 class AdminService(api_grpc.AdminServicer):
-    def __init__(self, proxy_id: str, router: Router, subscription: Subscription) -> None:
+    def __init__(
+        self,
+        proxy_id: str,
+        router: Router,
+        subscription: Subscription,
+        refresh: Callable[[], None] = lambda: None,
+        native: NativeDataPath | None = None,
+    ) -> None:
         self.proxy_id = proxy_id
         self.router = router
         self.subscription = subscription
+        self.refresh = refresh
+        self.native = native
 
     async def ListBackendSets(
         self, request: api.ListBackendSetsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> api.ListBackendSetsResponse:
+        self.refresh()
         sub = self.subscription
         response = api.ListBackendSetsResponse(
             proxy_id=self.proxy_id,
@@ -72,15 +85,23 @@ class AdminService(api_grpc.AdminServicer):
     async def Explain(
         self, request: api.ExplainRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> api.ExplainResponse:
+        cursor = None
         try:
-            state, matched = self.router.route(request.authority.encode(), request.method.encode())
+            if self.native is not None:  # the engine's routing table and rotation are the truth
+                key, matched = self.native.route(request.authority, request.method)
+                state = self.router.services[key]
+                cursor = self.native.cursor(key)
+            else:
+                state, matched = self.router.route(
+                    request.authority.encode(), request.method.encode()
+                )
         except NoRouteError as exc:
             return api.ExplainResponse(error=f"weighbridge: {exc}")
         response = api.ExplainResponse(
             service=state.key, matched_by=matched, strategy=state.backend_set.strategy
         )
         try:
-            explanation = state.picker.explain()
+            explanation = state.picker.explain(cursor)
         except NoBackendError as exc:
             response.error = f"weighbridge: {exc}"
             return response

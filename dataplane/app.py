@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from dataplane.admin import AdminService
 from dataplane.backends import Pool
 from dataplane.metrics import ProxyCollector
+from dataplane.native import NativeBackends, NativeDataPath
 from dataplane.proxying import FrontConnection, ProxyCounters, ProxySettings
 from dataplane.routing import Router
 from dataplane.subscription import StatusPublisher, Subscription
@@ -28,6 +29,7 @@ from weighbridge.keys import KeyScheme
 from weighbridge.v1 import admin_pb2, admin_pb2_grpc
 
 log = structlog.get_logger(__name__)
+ENGINES = ("native", "python")
 
 
 def listening_socket(hostport: str, *, reuse_port: bool) -> socket.socket:
@@ -60,6 +62,9 @@ class ProxyConfig:
     eager_connections: bool = True
     """Connect to endpoints when they appear (first calls pay no connection set-up); off for
     very large sets that mostly idle."""
+    engine: str = "native"
+    """What carries calls: "native" (the Rust engine, weighbridge_native) or "python" (the
+    pure-Python HTTP/2 path, slower; kept as the reference)."""
 
 
 class Proxy:
@@ -78,7 +83,12 @@ class Proxy:
         self.scheme = scheme
         self.proxy_id = proxy_id
         self.config = config
-        self.pool = Pool(eager=config.eager_connections)
+        if config.engine not in ENGINES:
+            raise ValueError(f"unknown engine {config.engine!r} (one of {', '.join(ENGINES)})")
+        self.pool: Pool | NativeBackends = (
+            NativeBackends() if config.engine == "native" else Pool(eager=config.eager_connections)
+        )
+        self.native: NativeDataPath | None = None
         self.router = Router(self.pool, rng)
         self.counters = ProxyCounters()
         self.settings = ProxySettings(max_message_bytes=config.max_message_bytes)
@@ -95,6 +105,19 @@ class Proxy:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        sock = listening_socket(self.config.listen, reuse_port=self.config.reuse_port)
+        self.port = sock.getsockname()[1]
+        if isinstance(self.pool, NativeBackends):
+            with sock:  # the engine serves a duplicate of it
+                self.native = NativeDataPath(
+                    sock,
+                    self.pool,
+                    max_message_bytes=self.config.max_message_bytes,
+                    eager=self.config.eager_connections,
+                )
+            self.router.listener = self.native
+        else:
+            self._server = await loop.create_server(self._front, sock=sock)
         self._tasks.append(loop.create_task(self.subscription.run(), name="subscription"))
         if self.config.publish_status:
             status = StatusPublisher(
@@ -105,14 +128,13 @@ class Proxy:
                 lambda: len(self.router.services),
             )
             self._tasks.append(loop.create_task(status.run(), name="status"))
-        sock = listening_socket(self.config.listen, reuse_port=self.config.reuse_port)
-        self.port = sock.getsockname()[1]
-        self._server = await loop.create_server(self._front, sock=sock)
         if self.config.admin_listen:
             await self._start_admin(self.config.admin_listen)
         if self.config.metrics_listen:
             registry = CollectorRegistry(auto_describe=False)
-            registry.register(ProxyCollector(self.router, self.counters, self.subscription))
+            registry.register(
+                ProxyCollector(self.router, self.counters, self.subscription, self.refresh)
+            )
             host, port = split_hostport(self.config.metrics_listen)
             server, thread = start_http_server(port, addr=host, registry=registry)
             self.metrics_port = server.server_port
@@ -124,7 +146,19 @@ class Proxy:
             admin=self.admin_port,
             metrics=self.metrics_port,
             proxy_id=self.proxy_id,
+            engine=self.config.engine,
         )
+
+    def refresh(self) -> None:
+        """Bring the routing model's counters up to date (the native engine keeps its own)."""
+        if self.native is not None:
+            self.native.refresh(self.router, self.counters)
+
+    @property
+    def calls_in_flight(self) -> int:
+        if self.native is not None:
+            return self.native.in_flight
+        return sum(len(f.calls) for f in self.fronts)
 
     def _front(self) -> FrontConnection:
         front = FrontConnection(self.router, self.settings, self.counters, self.fronts.discard)
@@ -134,7 +168,8 @@ class Proxy:
     async def _start_admin(self, listen: str) -> None:
         server = grpc.aio.server()
         admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
-            AdminService(self.proxy_id, self.router, self.subscription), server
+            AdminService(self.proxy_id, self.router, self.subscription, self.refresh, self.native),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -161,17 +196,22 @@ class Proxy:
             self._server.close()
         for front in list(self.fronts):
             front.goaway()
+        if self.native is not None:
+            self.native.goaway()
         deadline = asyncio.get_running_loop().time() + grace
-        while any(f.calls for f in self.fronts) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        while self.calls_in_flight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         for front in list(self.fronts):
             front.close()
+        if self.native is not None:
+            self.native.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        self.pool.close()
+        if isinstance(self.pool, Pool):
+            self.pool.close()
         if self._admin is not None:
             await self._admin.stop(grace=1)
         if self._metrics is not None:

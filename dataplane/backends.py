@@ -10,7 +10,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import h2.events
 import structlog
@@ -19,6 +19,7 @@ from dataplane.http2 import Http2Connection, flush_all
 
 if TYPE_CHECKING:
     from dataplane.proxying import Call
+    from dataplane.routing import BackendHandle
 
 log = structlog.get_logger(__name__)
 
@@ -230,7 +231,8 @@ class Pool:
             backend.warm_up()
         return backend
 
-    def release(self, backend: Backend) -> None:
+    def release(self, handle: BackendHandle) -> None:
+        backend = cast(Backend, handle)
         backend.refs -= 1
         if backend.refs <= 0:
             self.backends.pop(backend.hostport, None)

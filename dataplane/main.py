@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from dataplane.app import Proxy, ProxyConfig
+from dataplane.app import ENGINES, Proxy, ProxyConfig
 from weighbridge import etcd as store
 from weighbridge.cli import add_etcd_arguments, add_log_arguments, split_hostport
 from weighbridge.keys import KeyScheme
@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(for very large, mostly idle sets)",
     )
     p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="native",
+        help="what carries calls: the Rust engine, or the pure-Python HTTP/2 path "
+        "(slower; the reference) (default: %(default)s)",
+    )
+    p.add_argument(
         "--grace",
         type=float,
         default=10.0,
@@ -99,6 +106,7 @@ async def serve(args: argparse.Namespace, index: int) -> None:
             reuse_port=True,
             max_message_bytes=args.max_message_bytes,
             eager_connections=not args.lazy_connect,
+            engine=args.engine,
         ),
     )
     stop = asyncio.Event()

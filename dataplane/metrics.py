@@ -3,7 +3,7 @@ request path never touches a metrics library."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -14,12 +14,20 @@ from dataplane.subscription import Subscription
 
 
 class ProxyCollector(Collector):
-    def __init__(self, router: Router, counters: ProxyCounters, subscription: Subscription) -> None:
+    def __init__(
+        self,
+        router: Router,
+        counters: ProxyCounters,
+        subscription: Subscription,
+        refresh: Callable[[], None] = lambda: None,
+    ) -> None:
         self.router = router
         self.counters = counters
         self.subscription = subscription
+        self.refresh = refresh
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        self.refresh()
         labels = ["service", "backend"]
         requests = CounterMetricFamily(
             "weighbridge_proxy_backend_requests", "Calls sent to a backend.", labels=labels

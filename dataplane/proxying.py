@@ -16,13 +16,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 import h2.errors
 import h2.events
 import h2.exceptions
 
-from dataplane.backends import BackendConnection
+from dataplane.backends import Backend, BackendConnection
 from dataplane.grpcwire import CODES, MessageMeter, error_headers, error_trailers, parse_timeout
 from dataplane.http2 import Http2Connection, flush_all
 from dataplane.routing import Router, ServiceState, Target
@@ -214,7 +214,7 @@ class Call:
         target.stats.in_flight += 1
         if timeout is not None:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._deadline, timeout)
-        conn = target.backend.ready_connection()
+        conn = cast(Backend, target.backend).ready_connection()
         if conn is not None:
             self._attach(conn)
         else:
@@ -223,7 +223,7 @@ class Call:
     async def _connect_then_attach(self) -> None:
         assert self.target is not None
         try:
-            conn = await self.target.backend.connection()
+            conn = await cast(Backend, self.target.backend).connection()
         except ConnectionError as exc:
             self.front.counters.error("connect_failed")
             self.fail(CODES["UNAVAILABLE"], f"weighbridge: {self._who()}: {exc}")

@@ -10,11 +10,10 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 
-from dataplane.backends import Backend, Pool
 from dataplane.strategies import NoBackendError, Picker, build_picker
 from weighbridge.keys import ServiceKey
 from weighbridge.model import BackendSet, Endpoint
@@ -40,6 +39,33 @@ LATENCY_BOUNDS: Final = tuple(
     )
 )
 """Latency histogram bucket upper bounds, seconds (the last bucket is open)."""
+
+
+class BackendHandle(Protocol):
+    """What routing and the admin API need of a backend, whichever data path carries calls."""
+
+    @property
+    def hostport(self) -> str: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def last_error(self) -> str: ...
+
+
+class BackendPool(Protocol):
+    def acquire(self, address: str, port: int) -> BackendHandle: ...
+
+    def release(self, backend: BackendHandle) -> None: ...
+
+
+class RouteListener(Protocol):
+    """Told of every change to the routing table (the native data path keeps its own copy)."""
+
+    def route_changed(self, key: ServiceKey, state: ServiceState | None) -> None: ...
+
+    def grpc_services_changed(self, table: dict[str, ServiceKey]) -> None: ...
 
 
 class NoRouteError(NoBackendError):
@@ -81,7 +107,11 @@ class Target:
     __slots__ = ("backend", "endpoint", "service", "stats", "weight")
 
     def __init__(
-        self, service: ServiceKey, endpoint: Endpoint, backend: Backend, stats: BackendStats
+        self,
+        service: ServiceKey,
+        endpoint: Endpoint,
+        backend: BackendHandle,
+        stats: BackendStats,
     ) -> None:
         self.service = service
         self.endpoint = endpoint
@@ -99,7 +129,7 @@ class ServiceState:
         self,
         backend_set: BackendSet,
         mod_revision: int,
-        pool: Pool,
+        pool: BackendPool,
         stats: dict[str, BackendStats],
         rng: random.Random,
     ) -> None:
@@ -129,7 +159,7 @@ class ServiceState:
             empty_message=f"Service {self.key} has no backend that can take requests ({why})",
         )
 
-    def release(self, pool: Pool) -> None:
+    def release(self, pool: BackendPool) -> None:
         for t in self.targets:
             pool.release(t.backend)
 
@@ -149,9 +179,15 @@ def normalize_authority(authority: str) -> str | None:
 class Router:
     """The routing table; rebuilt piecewise as backend sets arrive from etcd."""
 
-    def __init__(self, pool: Pool, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        pool: BackendPool,
+        rng: random.Random | None = None,
+        listener: RouteListener | None = None,
+    ) -> None:
         self.pool = pool
         self.rng = rng or random.Random()
+        self.listener = listener
         self.services: dict[ServiceKey, ServiceState] = {}
         self.by_grpc_service: dict[str, ServiceKey] = {}
         """gRPC service name → the Service that declares it (looked up in ``services``, so a
@@ -176,10 +212,14 @@ class Router:
             live = {e.hostport for e in backend_set.endpoints}
             for hostport in [h for h, s in stats.items() if h not in live and not s.in_flight]:
                 del stats[hostport]
+        if self.listener is not None:
+            self.listener.route_changed(key, self.services.get(key))
         old_names = old.backend_set.grpc_services if old is not None else ()
         new_names = backend_set.grpc_services if backend_set is not None else ()
         if old_names != new_names:  # O(Services), so only when the names change
             self._rebuild_grpc_services()
+            if self.listener is not None:
+                self.listener.grpc_services_changed(self.by_grpc_service)
 
     def _rebuild_grpc_services(self) -> None:
         table: dict[str, ServiceKey] = {}

@@ -35,6 +35,21 @@ class Explanation(Generic[B_co]):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A picker's arithmetic, done: what the native data path executes per request.
+
+    ``cycle`` walks ``table`` (backend indices) from ``start``; ``uniform`` draws any backend;
+    ``cumulative`` draws against cumulative weights ``table``; ``smooth`` runs smooth WRR over
+    weights ``table``, ``start`` steps in; ``fail`` fails every pick with ``message``.
+    """
+
+    kind: str
+    table: tuple[int, ...] = ()
+    start: int = 0
+    message: str = ""
+
+
 class Picker(Protocol[B_co]):
     """Picks one backend per request.
 
@@ -44,8 +59,16 @@ class Picker(Protocol[B_co]):
 
     def pick(self) -> B_co: ...
 
-    def explain(self) -> Explanation[B_co]:
-        """What the next pick would be and why, without changing the picker's state."""
+    def explain(self, cursor: int | None = None) -> Explanation[B_co]:
+        """What the next pick would be and why, without changing the picker's state.
+
+        ``cursor``: where the native data path's rotation stands (see :class:`Plan`), for
+        pickers that rotate; others ignore it.
+        """
+        ...
+
+    def plan(self) -> Plan:
+        """The same picks, for the native data path."""
         ...
 
 
@@ -64,5 +87,8 @@ class ErrorPicker(Generic[B]):
     def pick(self) -> B:
         raise NoBackendError(self.message)
 
-    def explain(self) -> Explanation[B]:
+    def explain(self, cursor: int | None = None) -> Explanation[B]:
         raise NoBackendError(self.message)
+
+    def plan(self) -> Plan:
+        return Plan("fail", message=self.message)

@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 from typing import Generic
 
-from dataplane.strategies.base import B, Explanation
+from dataplane.strategies.base import B, Explanation, Plan
 
 NAME = "random"
 
@@ -22,11 +22,14 @@ class RandomPicker(Generic[B]):
     def pick(self) -> B:
         return self._backends[int(self._random() * self._n)]
 
-    def explain(self) -> Explanation[B]:
+    def explain(self, cursor: int | None = None) -> Explanation[B]:
         backend = self._backends[int(random.random() * self._n)]
         return Explanation(
             backend, f"random: uniform choice, each of {self._n} has P = 1/{self._n}"
         )
+
+    def plan(self) -> Plan:
+        return Plan("uniform")
 
 
 def build(backends: Sequence[B], rng: random.Random) -> RandomPicker[B]:

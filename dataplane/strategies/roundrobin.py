@@ -10,7 +10,7 @@ import random
 from collections.abc import Sequence
 from typing import Generic
 
-from dataplane.strategies.base import B, Explanation
+from dataplane.strategies.base import B, Explanation, Plan
 
 NAME = "round_robin"
 
@@ -28,11 +28,15 @@ class RoundRobinPicker(Generic[B]):
         self._next = i + 1 if i + 1 < self._n else 0
         return self._backends[i]
 
-    def explain(self) -> Explanation[B]:
+    def explain(self, cursor: int | None = None) -> Explanation[B]:
+        at = self._next if cursor is None else cursor % self._n
         return Explanation(
-            self._backends[self._next],
-            f"round_robin: next in the rotation (position {self._next + 1} of {self._n})",
+            self._backends[at],
+            f"round_robin: next in the rotation (position {at + 1} of {self._n})",
         )
+
+    def plan(self) -> Plan:
+        return Plan("cycle", tuple(range(self._n)), self._next)
 
 
 def build(backends: Sequence[B], rng: random.Random) -> RoundRobinPicker[B]:

@@ -8,7 +8,7 @@ import random
 from collections.abc import Sequence
 from typing import Generic
 
-from dataplane.strategies.base import B, Explanation
+from dataplane.strategies.base import B, Explanation, Plan
 
 NAME = "weighted_random"
 
@@ -26,10 +26,13 @@ class WeightedRandomPicker(Generic[B]):
         # bisect_right on [0, total): the backend whose cumulative range holds the draw.
         return self._backends[bisect.bisect_right(self._cumulative, self._random() * self._total)]
 
-    def explain(self) -> Explanation[B]:
+    def explain(self, cursor: int | None = None) -> Explanation[B]:
         i = bisect.bisect_right(self._cumulative, random.random() * self._total)
         b = self._backends[i]
         return Explanation(b, f"weighted_random: drawn with P = {b.weight}/{self._total}")
+
+    def plan(self) -> Plan:
+        return Plan("cumulative", self._cumulative)
 
 
 def build(backends: Sequence[B], rng: random.Random) -> WeightedRandomPicker[B]:

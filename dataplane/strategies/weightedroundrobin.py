@@ -19,7 +19,7 @@ from array import array
 from collections.abc import Sequence
 from typing import Final, Generic
 
-from dataplane.strategies.base import B, Explanation
+from dataplane.strategies.base import B, Explanation, Plan
 from dataplane.strategies.roundrobin import RoundRobinPicker
 
 NAME = "weighted_round_robin"
@@ -56,24 +56,29 @@ class ScheduledPicker(Generic[B]):
         self._next = i + 1 if i + 1 < self._period else 0
         return self._backends[self._schedule[i]]
 
-    def explain(self) -> Explanation[B]:
-        b = self._backends[self._schedule[self._next]]
+    def explain(self, cursor: int | None = None) -> Explanation[B]:
+        at = self._next if cursor is None else cursor % self._period
+        b = self._backends[self._schedule[at]]
         return Explanation(
             b,
-            f"weighted_round_robin: step {self._next + 1} of a {self._period}-pick schedule "
+            f"weighted_round_robin: step {at + 1} of a {self._period}-pick schedule "
             f"in which this backend has {b.weight} picks",
         )
 
+    def plan(self) -> Plan:
+        return Plan("cycle", tuple(self._schedule), self._next)
+
 
 class OnlineSmoothPicker(Generic[B]):
-    __slots__ = ("_backends", "_credit", "_total", "_weights")
+    __slots__ = ("_backends", "_credit", "_skipped", "_total", "_weights")
 
     def __init__(self, backends: Sequence[B], weights: Sequence[int], rng: random.Random) -> None:
         self._backends = tuple(backends)
         self._weights = tuple(weights)
         self._total = sum(weights)
         self._credit = [0] * len(weights)
-        for _ in range(rng.randrange(min(self._total, 4 * len(weights)))):
+        self._skipped = rng.randrange(min(self._total, 4 * len(weights)))
+        for _ in range(self._skipped):
             self._step()
 
     def _step(self) -> int:
@@ -88,7 +93,10 @@ class OnlineSmoothPicker(Generic[B]):
     def pick(self) -> B:
         return self._backends[self._step()]
 
-    def explain(self) -> Explanation[B]:
+    def plan(self) -> Plan:
+        return Plan("smooth", self._weights, self._skipped)
+
+    def explain(self, cursor: int | None = None) -> Explanation[B]:
         credit = [c + w for c, w in zip(self._credit, self._weights, strict=True)]
         b = self._backends[max(range(len(credit)), key=credit.__getitem__)]
         return Explanation(

@@ -209,6 +209,22 @@ def private_apiserver(tmp_path: Path) -> Iterator[testenv.KubeAPIServer]:
     kube_etcd.stop()
 
 
+PROXY_ENGINE = {"engine": "native"}
+"""The data path running_proxy uses unless told otherwise (tests parametrize it)."""
+
+
+def established_to(port: int) -> int:
+    """TCP connections on this machine in state ESTABLISHED whose remote port is ``port``."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
 @contextlib.asynccontextmanager
 async def running_proxy(
     etcd_endpoint: str,
@@ -228,6 +244,7 @@ async def running_proxy(
         "listen": "127.0.0.1:0",
         "admin_listen": "127.0.0.1:0",
         "metrics_listen": "127.0.0.1:0",
+        "engine": PROXY_ENGINE["engine"],
         **config,
     }
     proxy = Proxy(

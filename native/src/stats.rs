@@ -1,0 +1,92 @@
+//! Counters of one endpoint within one Service, read by the admin API and metrics at scrape
+//! time; the request path only does relaxed atomic adds.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub in_flight: AtomicI64,
+    pub latency_ns: AtomicU64,
+    pub buckets: Box<[AtomicU64]>,
+}
+
+impl Stats {
+    pub fn new(bounds: usize) -> Self {
+        Stats {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            latency_ns: AtomicU64::new(0),
+            buckets: (0..=bounds).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Records a finished call in the first bucket whose bound is ≥ its duration.
+    pub fn observe(&self, bounds_ns: &[u64], elapsed: Duration, ok: bool) {
+        let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
+        self.latency_ns.fetch_add(ns, Relaxed);
+        self.buckets[bounds_ns.partition_point(|&b| b < ns)].fetch_add(1, Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Process-wide counters of the calls the proxy received and those it ended itself.
+#[derive(Default)]
+pub struct Counters {
+    pub calls: AtomicU64,
+    pub in_flight: AtomicI64,
+    local: [AtomicU64; LocalError::ALL.len()],
+}
+
+#[derive(Clone, Copy)]
+pub enum LocalError {
+    NoRoute,
+    NoBackend,
+    ConnectFailed,
+    BackendReset,
+    BackendLost,
+    MessageTooBig,
+    DeadlineExceeded,
+}
+
+impl LocalError {
+    pub const ALL: [LocalError; 7] = [
+        LocalError::NoRoute,
+        LocalError::NoBackend,
+        LocalError::ConnectFailed,
+        LocalError::BackendReset,
+        LocalError::BackendLost,
+        LocalError::MessageTooBig,
+        LocalError::DeadlineExceeded,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LocalError::NoRoute => "no_route",
+            LocalError::NoBackend => "no_backend",
+            LocalError::ConnectFailed => "connect_failed",
+            LocalError::BackendReset => "backend_reset",
+            LocalError::BackendLost => "backend_lost",
+            LocalError::MessageTooBig => "message_too_big",
+            LocalError::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
+impl Counters {
+    pub fn error(&self, e: LocalError) {
+        self.local[e as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn local_errors(&self) -> Vec<(&'static str, u64)> {
+        LocalError::ALL
+            .iter()
+            .map(|e| (e.name(), self.local[*e as usize].load(Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
