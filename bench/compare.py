@@ -248,6 +248,10 @@ def loadgen(
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+LIGHT_RATE = 1000
+"""req/s of the second latency run."""
+
+
 def measure(quick: bool) -> dict[str, dict[str, float]]:
     rounds, seconds, concurrency = (2, 3.0, 64) if quick else (5, 10.0, 64)
     bins = build_go()
@@ -285,6 +289,9 @@ def measure(quick: bool) -> dict[str, dict[str, float]]:
                         "latency_errors": lat["errors"],
                     }
                 )
+                # And at a light load, where no process waits for a core: the proxy's own cost.
+                light = loadgen(bins, t, backends, seconds / 2, rate=LIGHT_RATE)
+                t.runs[-1].update({"p50_light_us": light["p50_us"], "p99_light_us": light["p99_us"]})
         for t in targets:
             t.rss_after = rss_mb(t.pids())
     results = {}
@@ -323,8 +330,8 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
     rel = ratios(results)
     lines = [
         "| target | CPU µs/req | x HAProxy | req/s (c=64) | x HAProxy | x direct | p50 µs | p99 µs "
-        "| p50 added over direct µs | RSS MB before → after |",
-        "|" + "---|" * 10,
+        "| p50 added over direct µs | p50 / p99 µs at 1k req/s | RSS MB before → after |",
+        "|" + "---|" * 11,
     ]
     d = results.get("direct", {})
     for name, r in results.items():
@@ -334,11 +341,13 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
             f"| {name} | {r['cpu_us_per_request']:.1f} | {cpu_x} "
             f"| {r['rps']:.0f} | {x.get('rps_vs_haproxy', '-')} | {x.get('rps_vs_direct', '-')} "
             f"| {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['p50_us'] - d.get('p50_us', 0):.0f} "
+            f"| {r['p50_light_us']:.0f} / {r['p99_light_us']:.0f} "
             f"| {r['rss_mb_before']} → {r['rss_mb_after']} |"
         )
     rate = next(iter(results.values()))["rate"]
     lines.append(
-        f"\nLatency at {rate:.0f} req/s (half of HAProxy's throughput); medians of "
+        f"\nLatency at {rate:.0f} req/s (half of HAProxy's throughput) and at {LIGHT_RATE} "
+        "req/s; medians of "
         f"{next(iter(results.values()))['rounds']} interleaved rounds."
     )
     return "\n".join(lines)
