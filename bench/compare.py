@@ -291,7 +291,9 @@ def measure(quick: bool) -> dict[str, dict[str, float]]:
                 )
                 # And at a light load, where no process waits for a core: the proxy's own cost.
                 light = loadgen(bins, t, backends, seconds / 2, rate=LIGHT_RATE)
-                t.runs[-1].update({"p50_light_us": light["p50_us"], "p99_light_us": light["p99_us"]})
+                t.runs[-1].update(
+                    {"p50_light_us": light["p50_us"], "p99_light_us": light["p99_us"]}
+                )
         for t in targets:
             t.rss_after = rss_mb(t.pids())
     results = {}
