@@ -1,14 +1,16 @@
 """Benchmarks of the proxy (issue: data plane), each against real processes on loopback.
 
-    .venv/bin/python -m bench.proxy update-latency [--changes 200]
-    .venv/bin/python -m bench.proxy load [--requests 200000] [--profile]
+    .venv/bin/python -m bench.proxy [--engine native|python] update-latency [--changes 200]
+    .venv/bin/python -m bench.proxy [--engine native|python] load [--requests 200000] [--profile]
 
 update-latency  time from an etcd write (wbctl-style put) to the first request that the
                 proxy routes by the new set, with requests sent back to back.
 load            h2load (nghttp2-client) sends unary gRPC calls through one proxy process to
                 two grpc.aio echo backends; reports proxy CPU µs per request (from
                 /proc/PID/stat), throughput, and the proxy's RSS sampled during the run.
-                --profile runs the proxy under cProfile and prints the hottest functions.
+                --profile runs the proxy under cProfile and prints the hottest functions
+                (Python's share only: for the native engine use perf, see
+                docs/performance.md).
 
 Bounded: fixed request counts, every wait has a timeout.
 """
@@ -40,7 +42,9 @@ from weighbridge.model import BackendSet, Endpoint
 
 
 @contextlib.contextmanager
-def processes(workdir: Path, profile: Path | None = None) -> Iterator[dict[str, object]]:
+def processes(
+    workdir: Path, profile: Path | None = None, engine: str = "native"
+) -> Iterator[dict[str, object]]:
     """etcd, two echo backends, one proxy (optionally under cProfile)."""
     etcd = testenv.Etcd(workdir)
     etcd.start()
@@ -72,6 +76,8 @@ def processes(workdir: Path, profile: Path | None = None) -> Iterator[dict[str, 
             "warning",
             "--log-format",
             "json",
+            "--engine",
+            engine,
         ]
         if profile is not None:
             code = (
@@ -135,8 +141,8 @@ async def wait_ready(port: int) -> grpc.aio.Channel:
             await asyncio.sleep(0.2)
 
 
-async def update_latency(changes: int, workdir: Path) -> None:
-    with processes(workdir) as env:
+async def update_latency(changes: int, workdir: Path, engine: str) -> None:
+    with processes(workdir, engine=engine) as env:
         a, b = env["backends"]  # type: ignore[misc]
         await put(env, "round_robin", [a])
         ch = await wait_ready(env["port"])  # type: ignore[arg-type]
@@ -201,13 +207,13 @@ def h2load(
     return {"succeeded": ok, "rps": rps}
 
 
-def load(requests: int, profile: bool, workdir: Path) -> None:
+def load(requests: int, profile: bool, workdir: Path, engine: str) -> None:
     if shutil.which("h2load") is None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client"], check=True)
     body = workdir / "body.bin"
     body.write_bytes(b"\x00" + (64).to_bytes(4, "big") + b"x" * 64)
     prof = workdir / "proxy.prof" if profile else None
-    with processes(workdir, prof) as env:
+    with processes(workdir, prof, engine) as env:
         a, b = env["backends"]  # type: ignore[misc]
         asyncio.run(put(env, "round_robin", [a, b]))
         asyncio.run(_ready(env["port"]))  # type: ignore[arg-type]
@@ -252,6 +258,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--engine", choices=("native", "python"), default="native")
     sub = p.add_subparsers(dest="what", required=True)
     u = sub.add_parser("update-latency")
     u.add_argument("--changes", type=int, default=200)
@@ -261,9 +268,9 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="wb-bench-") as tmp:
         if args.what == "update-latency":
-            asyncio.run(update_latency(args.changes, Path(tmp)))
+            asyncio.run(update_latency(args.changes, Path(tmp), args.engine))
         else:
-            load(args.requests, args.profile, Path(tmp))
+            load(args.requests, args.profile, Path(tmp), args.engine)
 
 
 if __name__ == "__main__":

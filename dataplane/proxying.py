@@ -21,6 +21,7 @@ from typing import Final, cast
 import h2.errors
 import h2.events
 import h2.exceptions
+from hyperframe.frame import GoAwayFrame
 
 from dataplane.backends import Backend, BackendConnection
 from dataplane.grpcwire import CODES, MessageMeter, error_headers, error_trailers, parse_timeout
@@ -447,6 +448,9 @@ class FrontConnection(Http2Connection):
 
     def goaway(self) -> None:
         """Graceful shutdown: refuse new streams, let open ones finish."""
-        if not self.closed:
-            self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
+        if not self.closed and self.transport is not None:
+            # The frame, not h2's close_connection(): that one also moves the state machine to
+            # CLOSED, and the streams still open would die with it.
             self.flush()
+            frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id)
+            self.transport.write(frame.serialize())

@@ -68,7 +68,13 @@ async fn serve_connection(shared: Arc<Shared>, sock: TcpStream, mut stop: watch:
                 }
                 _ => return,
             },
-            _ = stop.changed(), if !stopping => {}
+            changed = stop.changed(), if !stopping => {
+                if changed.is_err() {
+                    // The engine is gone without a word: shut down as if told to.
+                    stopping = true;
+                    conn.graceful_shutdown();
+                }
+            }
         }
     }
 }

@@ -426,3 +426,27 @@ async def test_admin_api_health_reflection_metrics_and_status_key(
         assert st is not None and st.backend_sets == 1
     # Stopped: the lease-bound status key goes with the proxy.
     assert await etcd.get(scheme.proxy("p-7")) is None
+
+
+async def test_stop_lets_calls_in_flight_finish_and_takes_no_new_ones(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
+) -> None:
+    async with echo_backends("a") as (a,), running_proxy(etcd_server.endpoint, scheme) as proxy:
+        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+        async with channel(proxy) as ch:
+            stream = ch.unary_stream("/test.Echo/ServerStream")(
+                b"3", metadata=(("x-hold", "1"),), timeout=20
+            )
+            assert await stream.read() == b"a:0"
+            stopping = asyncio.create_task(proxy.stop(grace=15))
+            await asyncio.sleep(0.5)
+            assert not stopping.done(), "stop waits for the call in flight"
+            # A new connection gets nothing: the port is no longer served.
+            async with channel(proxy) as late:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await late.unary_unary("/test.Echo/Unary")(b"", timeout=2)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            a.release.set()
+            assert await read_all(stream) == [b"a:1", b"a:2"]
+            assert await stream.code() == grpc.StatusCode.OK
+            await asyncio.wait_for(stopping, 5)
