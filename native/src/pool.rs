@@ -1,7 +1,7 @@
 //! Backends: one HTTP/2 connection per endpoint, shared by all calls to it.
 //!
-//! An endpoint that leaves every backend set is drained: the pool forgets it, calls already on
-//! its connection finish, and the connection closes when the last of them lets go of it.
+//! An endpoint that leaves every backend set is drained: the pool forgets it, calls that picked
+//! it finish on its connection, and the connection closes when the last of them lets go.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -82,9 +82,6 @@ impl Backend {
                 }
             }
         }
-        if self.drained.load(Relaxed) {
-            return Err("endpoint was removed from its backend set".into());
-        }
         match self.connect().await {
             Ok(sender) => {
                 let mut st = self.state();
@@ -120,13 +117,17 @@ impl Backend {
             .handshake::<_, Bytes>(tcp)
             .await
             .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-        let me = Arc::clone(self);
+        // Weak: the connection must not keep its backend alive, or a drained backend's
+        // connection would never close (see `drain`).
+        let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let result = connection.await;
-            me.lost(match result {
-                Ok(()) => "connection closed".to_string(),
-                Err(e) => format!("connection lost: {e}"),
-            });
+            if let Some(me) = me.upgrade() {
+                me.lost(match result {
+                    Ok(()) => "connection closed".to_string(),
+                    Err(e) => format!("connection lost: {e}"),
+                });
+            }
         });
         Ok(sender)
     }
@@ -140,11 +141,11 @@ impl Backend {
         self.connected.store(false, Relaxed);
     }
 
+    /// Out of every set. Calls that picked it (even a moment ago, on another thread) still use
+    /// its connection; once the last route and call holding the backend let go, the backend is
+    /// dropped with its connection handle, and h2 closes the connection after its streams.
     fn drain(&self) {
         self.drained.store(true, Relaxed);
-        // Calls in flight hold their own handles; the connection ends after the last.
-        self.state().sender = None;
-        self.connected.store(false, Relaxed);
     }
 }
 

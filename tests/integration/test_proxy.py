@@ -450,3 +450,31 @@ async def test_stop_lets_calls_in_flight_finish_and_takes_no_new_ones(
             assert await read_all(stream) == [b"a:1", b"a:2"]
             assert await stream.code() == grpc.StatusCode.OK
             await asyncio.wait_for(stopping, 5)
+
+
+async def test_calls_keep_succeeding_while_the_set_flaps_between_endpoints(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
+) -> None:
+    """A call picked just before its endpoint leaves the set still reaches it (this once
+    failed with "endpoint was removed" in the native engine, found by bench/proxy.py)."""
+    async with (
+        echo_backends("a", "b") as (a, b),
+        running_proxy(etcd_server.endpoint, scheme) as proxy,
+    ):
+        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+        async with channel(proxy) as ch:
+            stop = asyncio.Event()
+
+            async def caller() -> collections.Counter[str]:
+                seen: collections.Counter[str] = collections.Counter()
+                while not stop.is_set():
+                    seen[await who(ch)] += 1
+                return seen
+
+            callers = [asyncio.create_task(caller()) for _ in range(4)]
+            for i in range(40):
+                await put(etcd, scheme, "round_robin", [b] if i % 2 == 0 else [a])
+                await asyncio.sleep(0.02)
+            stop.set()
+            seen = sum((await asyncio.gather(*callers)), collections.Counter())
+            assert seen["a"] > 0 and seen["b"] > 0, seen
