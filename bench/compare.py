@@ -355,6 +355,19 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def color(name: str) -> str:
+    """One colour per kind of target: no proxy, Weighbridge (Rust, Python), nginx, HAProxy."""
+    for part, c in (
+        ("python", "#36c"),
+        ("weighbridge", "#2a7"),
+        ("nginx", "#c63"),
+        ("haproxy", "#859"),
+    ):
+        if part in name:
+            return c
+    return "#888"
+
+
 def chart(results: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib
 
@@ -375,12 +388,13 @@ def chart(results: dict[str, dict[str, float]], path: Path) -> None:
         ax.bar(
             names,
             [results[n][key] for n in names],
-            color=["#888", "#2a7", "#2a7", "#36c", "#c63"][: len(names)],
+            color=[color(n) for n in names],
         )
         ax.set_title(title, fontsize=10)
         if key == "p99_us":
             ax.set_yscale("log")
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -10,6 +10,7 @@ from dataplane.native import NativeDataPath
 from dataplane.routing import NoRouteError, Router, ServiceState
 from dataplane.strategies import NoBackendError
 from dataplane.subscription import Subscription
+from weighbridge.keys import ServiceKey
 from weighbridge.model import endpoint_to_proto, to_proto
 from weighbridge.v1 import admin_pb2 as api
 from weighbridge.v1 import admin_pb2_grpc as api_grpc
@@ -51,7 +52,7 @@ class AdminService(api_grpc.AdminServicer):
         proxy_id: str,
         router: Router,
         subscription: Subscription,
-        refresh: Callable[[], None] = lambda: None,
+        refresh: Callable[[ServiceKey | None], None] = lambda key: None,
         native: NativeDataPath | None = None,
     ) -> None:
         self.proxy_id = proxy_id
@@ -63,7 +64,7 @@ class AdminService(api_grpc.AdminServicer):
     async def ListBackendSets(
         self, request: api.ListBackendSetsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> api.ListBackendSetsResponse:
-        self.refresh()
+        self.refresh(ServiceKey(request.service) if request.service else None)
         sub = self.subscription
         response = api.ListBackendSetsResponse(
             proxy_id=self.proxy_id,

@@ -25,7 +25,7 @@ from dataplane.proxying import FrontConnection, ProxyCounters, ProxySettings
 from dataplane.routing import Router
 from dataplane.subscription import StatusPublisher, Subscription
 from weighbridge.cli import split_hostport
-from weighbridge.keys import KeyScheme
+from weighbridge.keys import KeyScheme, ServiceKey
 from weighbridge.v1 import admin_pb2, admin_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -149,10 +149,11 @@ class Proxy:
             engine=self.config.engine,
         )
 
-    def refresh(self) -> None:
-        """Bring the routing model's counters up to date (the native engine keeps its own)."""
+    def refresh(self, key: ServiceKey | None = None) -> None:
+        """Bring the routing model's counters up to date, of every Service or of ``key`` (the
+        native engine keeps its own)."""
         if self.native is not None:
-            self.native.refresh(self.router, self.counters)
+            self.native.refresh(self.router, self.counters, key)
 
     @property
     def calls_in_flight(self) -> int:

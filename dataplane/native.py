@@ -95,16 +95,20 @@ class NativeDataPath:
             raise NoRouteError(str(exc)) from None
         return ServiceKey(key), matched
 
-    def refresh(self, router: Router, counters: ProxyCounters) -> None:
-        """Copy the engine's counters into the routing model, for the admin API and metrics."""
-        for key, hostport, requests, errors, in_flight, latency, buckets in self.engine.stats():
-            state = router.services.get(ServiceKey(key))
+    def refresh(
+        self, router: Router, counters: ProxyCounters, key: ServiceKey | None = None
+    ) -> None:
+        """Copy the engine's counters into the routing model, for the admin API and metrics:
+        of every Service, or of ``key`` only (the cost is that of what is asked)."""
+        rows = self.engine.stats(key)
+        for service, hostport, requests, errors, in_flight, latency, buckets in rows:
+            state = router.services.get(ServiceKey(service))
             if state is None:
                 continue
             stats = state.stats.setdefault(hostport, BackendStats())
             stats.requests, stats.errors, stats.in_flight = requests, errors, in_flight
             stats.latency_sum, stats.buckets = latency, buckets
-        for hostport, connected, last_error in self.engine.backends():
+        for hostport, connected, last_error in self.engine.backends(key):
             backend = self.backends.backends.get(hostport)
             if backend is not None:
                 backend.connected, backend.last_error = connected, last_error

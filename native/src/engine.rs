@@ -2,7 +2,7 @@
 //! a single-threaded Tokio runtime. Python applies backend sets to it and reads its counters;
 //! no request ever touches Python or waits for the GIL.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{FromRawFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,8 +21,9 @@ use crate::stats::{Counters, Stats};
 pub struct Shared {
     table: RwLock<Table>,
     pool: Pool,
-    /// (NAMESPACE/NAME, HOST:PORT) → counters; they outlive set updates.
-    stats: Mutex<HashMap<(String, String), Arc<Stats>>>,
+    /// NAMESPACE/NAME → HOST:PORT → counters; they outlive set updates. Per Service, so that
+    /// applying one set costs its own endpoints, not every Service's.
+    stats: Mutex<HashMap<String, HashMap<String, Arc<Stats>>>>,
     pub counters: Counters,
     pub bounds_ns: Vec<u64>,
     pub max_message_bytes: usize,
@@ -149,12 +150,13 @@ impl Engine {
             }
         }
         let shared = &self.shared;
-        let mut stats = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all_stats = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let stats = all_stats.entry(key.clone()).or_default();
         let targets = endpoints
             .iter()
             .map(|(hostport, pod)| {
                 let counters = stats
-                    .entry((key.clone(), hostport.clone()))
+                    .entry(hostport.clone())
                     .or_insert_with(|| Arc::new(Stats::new(shared.bounds_ns.len())));
                 let pod = if pod.is_empty() {
                     String::new()
@@ -169,12 +171,13 @@ impl Engine {
             })
             .collect();
         // Counters of endpoints that left the set go, unless calls to them are in flight.
-        stats.retain(|(k, hostport), s| {
-            k != &key
-                || s.in_flight.load(Relaxed) > 0
-                || endpoints.iter().any(|(h, _)| h == hostport)
-        });
-        drop(stats);
+        if stats.len() > endpoints.len() {
+            let live: HashSet<&str> = endpoints.iter().map(|(h, _)| h.as_str()).collect();
+            stats.retain(|hostport, s| {
+                s.in_flight.load(Relaxed) > 0 || live.contains(hostport.as_str())
+            });
+        }
+        drop(all_stats);
         let old = shared
             .table
             .write()
@@ -201,7 +204,7 @@ impl Engine {
             .stats
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(k, _), _| k != key);
+            .remove(key);
     }
 
     /// gRPC service name → NAMESPACE/NAME, for calls whose authority names no Service.
@@ -228,12 +231,15 @@ impl Engine {
     }
 
     /// Rows of (NAMESPACE/NAME, HOST:PORT, requests, errors, in flight, latency sum in
-    /// seconds, latency bucket counts).
-    fn stats(&self) -> Vec<StatsRow> {
+    /// seconds, latency bucket counts), of Service `key` only when given.
+    #[pyo3(signature = (key=None))]
+    fn stats(&self, key: Option<&str>) -> Vec<StatsRow> {
         let stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats
             .iter()
-            .map(|((key, hostport), s)| {
+            .filter(|(k, _)| key.is_none_or(|key| key == k.as_str()))
+            .flat_map(|(key, per_endpoint)| per_endpoint.iter().map(move |(h, s)| (key, h, s)))
+            .map(|(key, hostport, s)| {
                 (
                     key.clone(),
                     hostport.clone(),
@@ -247,9 +253,24 @@ impl Engine {
             .collect()
     }
 
-    /// Rows of (HOST:PORT, connected, last error) for every endpoint in use.
-    fn backends(&self) -> Vec<(String, bool, String)> {
-        self.shared.pool.status()
+    /// Rows of (HOST:PORT, connected, last error) for every endpoint in use, or for those of
+    /// Service `key` only.
+    #[pyo3(signature = (key=None))]
+    fn backends(&self, key: Option<&str>) -> Vec<(String, bool, String)> {
+        let Some(key) = key else {
+            return self.shared.pool.status();
+        };
+        let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
+        table.get(key).map_or_else(Vec::new, |route| {
+            route
+                .targets
+                .iter()
+                .map(|t| {
+                    let b = &t.backend;
+                    (b.hostport.clone(), b.connected(), b.last_error())
+                })
+                .collect()
+        })
     }
 
     /// (calls received, calls in flight, [(reason, calls the proxy ended itself)]).
