@@ -149,7 +149,7 @@ async def run(args: argparse.Namespace) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await t
     await server.stop(grace=2)
-    await etcd.close()
+    await store.close(etcd)
     await kube.close()
     metrics_server.shutdown()
     metrics_server.server_close()

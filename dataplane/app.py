@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 import threading
@@ -208,9 +207,12 @@ class Proxy:
             self.native.close()
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        done, stuck = await asyncio.wait(self._tasks, timeout=5)
+        for t in done:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("task_failed", task=t.get_name(), error=repr(t.exception()))
+        if stuck:
+            log.warning("tasks_did_not_stop", tasks=sorted(t.get_name() for t in stuck))
         if isinstance(self.pool, Pool):
             self.pool.close()
         if self._admin is not None:

@@ -117,7 +117,7 @@ async def serve(args: argparse.Namespace, index: int) -> None:
     await stop.wait()
     log.info("stopping", grace=args.grace)
     await proxy.stop(args.grace)
-    await etcd.close()
+    await store.close(etcd)
 
 
 def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:

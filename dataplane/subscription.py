@@ -112,8 +112,10 @@ class Subscription:
                         self.apply(key, item.backend_set, kv.mod_revision)
                 self._applied(kv.mod_revision)
         finally:
-            with contextlib.suppress(*CLIENT_ERRORS, asyncio.CancelledError):
-                await watch.cancel()
+            # Bounded too: on a stream that broke under it (etcd restarted), aetcd's cancel can
+            # wait forever, and the proxy would never finish stopping.
+            with contextlib.suppress(*CLIENT_ERRORS, TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(watch.cancel(), 2)
         raise EtcdUnavailableError("watch stream ended")
 
     def _applied(self, revision: int) -> None:

@@ -6,17 +6,21 @@ Weighbridge error) here, at the boundary, so callers never import aetcd's except
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from dataclasses import dataclass
 from typing import Final
 
 import aetcd
 import aetcd.exceptions
+import structlog
 
 from weighbridge.errors import DecodeError, EtcdUnavailableError
 from weighbridge.keys import KeyScheme, ServiceKey
 from weighbridge.model import BackendSet, decode, encode
 from weighbridge.v1 import backend_set_pb2 as pb
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_ENDPOINT: Final = "127.0.0.1:2379"
 
@@ -79,6 +83,19 @@ def client(endpoints: str, *, timeout: float = 5.0) -> aetcd.Client:
         last_host, port = eps[-1]
         host = f"{family}:{joined},{f'[{last_host}]' if ':' in last_host else last_host}"
     return aetcd.Client(host=host, port=port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))
+
+
+async def close(etcd: aetcd.Client, *, timeout: float = 3.0) -> None:
+    """Close ``etcd`` within ``timeout`` s. aetcd's own close waits for its watcher to shut
+    down, which never happens when the watch stream broke under it (etcd restarted): a
+    process must still stop, so past the timeout the channel is closed directly."""
+    try:
+        await asyncio.wait_for(etcd.close(), timeout)
+    except TimeoutError:
+        log.warning("etcd_close_timed_out", timeout=timeout)
+        channel = etcd.channel
+        if channel is not None:
+            await channel.close()
 
 
 def _is_ip(host: str) -> bool:

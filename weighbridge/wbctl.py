@@ -205,7 +205,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
             return await show_proxies(etcd, scheme, args.output, out)
         raise AssertionError(args.command)
     finally:
-        await etcd.close()
+        await store.close(etcd)
 
 
 def build_parser() -> argparse.ArgumentParser:

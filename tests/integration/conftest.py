@@ -179,7 +179,7 @@ async def running_controller(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await etcd.close()
+        await store.close(etcd)
         await kube.close()
 
 
@@ -260,4 +260,4 @@ async def running_proxy(
         yield proxy
     finally:
         await proxy.stop(1)
-        await etcd.close()
+        await store.close(etcd)

@@ -52,7 +52,7 @@ async def test_etcd_down_proxy_keeps_serving_then_catches_up(
                 # A change made while the proxy is (re)connecting arrives. (The writer gets a
                 # fresh client with a deadline: a put on a client whose server died can wait
                 # forever in aetcd, which is not what this test is about.)
-                await etcd.close()
+                await store.close(etcd)
                 etcd = store.client(private_etcd.endpoint)
                 await asyncio.wait_for(put(etcd, scheme, "round_robin", [b]), 20)
                 await eventually(
@@ -63,7 +63,7 @@ async def test_etcd_down_proxy_keeps_serving_then_catches_up(
                 )
                 assert proxy.subscription.relists >= 1
     finally:
-        await etcd.close()
+        await store.close(etcd)
 
 
 async def test_compacted_revision_triggers_a_relist_and_nothing_is_missed(

@@ -145,7 +145,7 @@ async def test_controller_survives_etcd_restart_while_changes_happen(
             assert bs is not None and bs.strategy == "random"
             assert c.leading
     finally:
-        await etcd.close()
+        await store.close(etcd)
 
 
 async def test_controller_survives_kube_apiserver_restart_while_changes_happen(
