@@ -32,7 +32,7 @@ VARIANTS: dict[str, list[str]] = {
         "etcd.mode=external",
         "etcd.external.endpoints={etcd-a.db.svc:2379,etcd-b.db.svc:2379}",
     ],
-    "daemonset": ["proxy.kind=DaemonSet"],
+    "daemonset": ["proxy.kind=DaemonSet", "proxy.engine=python"],
     "servicemonitor-endpoints-source": [
         "serviceMonitor.enabled=true",
         "controller.source=endpoints",
@@ -176,6 +176,13 @@ async def test_chart_lints_renders_and_every_manifest_validates(
             "--etcd=etcd-a.db.svc:2379,etcd-b.db.svc:2379"
             in controller["spec"]["template"]["spec"]["containers"][0]["args"]
         )
+    proxy = next(
+        d
+        for d in docs
+        if d["metadata"]["name"].endswith("proxy") and "spec" in d and "template" in d["spec"]
+    )
+    engine = "python" if variant == "daemonset" else "native"
+    assert f"--engine={engine}" in proxy["spec"]["template"]["spec"]["containers"][0]["args"]
     if variant == "daemonset":
         assert "DaemonSet" in kinds
     for d in docs:  # hardened pods everywhere
@@ -197,6 +204,7 @@ async def test_chart_lints_renders_and_every_manifest_validates(
         (["etcd.mode=external"], "minItems: got 0, want 1"),
         (["proxy.kind=StatefulSet"], "value must be one of 'Deployment', 'DaemonSet'"),
         (["etcd.bundled.replicas=2"], "value must be one of 1, 3"),
+        (["proxy.engine=rust"], "value must be one of 'native', 'python'"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(helm: Path, sets: list[str], message: str) -> None:
