@@ -478,3 +478,25 @@ async def test_calls_keep_succeeding_while_the_set_flaps_between_endpoints(
             stop.set()
             seen = sum((await asyncio.gather(*callers)), collections.Counter())
             assert seen["a"] > 0 and seen["b"] > 0, seen
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "weighted_round_robin"])
+async def test_explain_names_the_backend_the_next_call_gets(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, strategy: str
+) -> None:
+    async with (
+        echo_backends("a", "b", "c") as backends,
+        running_proxy(etcd_server.endpoint, scheme) as proxy,
+    ):
+        await applied(proxy, await put(etcd, scheme, strategy, backends, [3, 1, 2]))
+        names = {b.port: b.name for b in backends}
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{proxy.admin_port}") as admin,
+            channel(proxy) as ch,
+        ):
+            stub = admin_pb2_grpc.AdminStub(admin)
+            for _ in range(12):
+                nxt = await stub.Explain(
+                    admin_pb2.ExplainRequest(authority=AUTHORITY, method="/test.Echo/Unary")
+                )
+                assert names[nxt.endpoint.port] == await who(ch), nxt.reason
