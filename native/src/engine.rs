@@ -142,12 +142,18 @@ impl Engine {
         message: String,
     ) -> PyResult<()> {
         let plan = Plan::build(plan, table, start, message).map_err(PyValueError::new_err)?;
-        if let Plan::Cycle { order, .. } = &plan {
-            if order.iter().any(|&i| i as usize >= endpoints.len()) {
-                return Err(PyValueError::new_err(
-                    "pick plan names a backend out of range",
-                ));
-            }
+        let n = endpoints.len();
+        let fits = match &plan {
+            Plan::Cycle { order, .. } => n > 0 && order.iter().all(|&i| (i as usize) < n),
+            Plan::Uniform => n > 0,
+            Plan::Cumulative { cumulative } => cumulative.len() == n,
+            Plan::Smooth { weights, .. } => weights.len() == n,
+            Plan::Fail(_) => true,
+        };
+        if !fits {
+            return Err(PyValueError::new_err(format!(
+                "pick plan does not fit the {n} endpoints of {key}"
+            )));
         }
         let shared = &self.shared;
         let mut all_stats = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
