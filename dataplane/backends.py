@@ -16,6 +16,7 @@ import h2.events
 import structlog
 
 from dataplane.http2 import Http2Connection, flush_all
+from weighbridge.model import join_hostport
 
 if TYPE_CHECKING:
     from dataplane.proxying import Call
@@ -111,7 +112,7 @@ class Backend:
     def __init__(self, address: str, port: int, *, on_idle: Callable[[Backend], None]) -> None:
         self.address = address
         self.port = port
-        self.hostport = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        self.hostport = join_hostport(address, port)
         self.connections: list[BackendConnection] = []
         self.refs = 0
         self.draining = False
@@ -220,7 +221,7 @@ class Pool:
         self.draining: dict[str, Backend] = {}
 
     def acquire(self, address: str, port: int) -> Backend:
-        hostport = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        hostport = join_hostport(address, port)
         backend = self.backends.get(hostport) or self.draining.pop(hostport, None)
         if backend is None:
             backend = Backend(address, port, on_idle=self._idle)

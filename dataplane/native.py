@@ -15,6 +15,10 @@ import weighbridge_native
 from dataplane.proxying import ProxyCounters
 from dataplane.routing import LATENCY_BOUNDS, BackendStats, NoRouteError, Router, ServiceState
 from weighbridge.keys import ServiceKey
+from weighbridge.model import join_hostport
+
+LATENCY_BOUNDS_NS = [round(b * 1e9) for b in LATENCY_BOUNDS]
+"""The routing model's latency buckets, in the engine's unit."""
 
 
 class NativeBackend:
@@ -36,7 +40,7 @@ class NativeBackends:
         self.backends: dict[str, NativeBackend] = {}
 
     def acquire(self, address: str, port: int) -> NativeBackend:
-        hostport = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        hostport = join_hostport(address, port)
         backend = self.backends.setdefault(hostport, NativeBackend(hostport))
         backend.refs += 1
         return backend
@@ -63,7 +67,7 @@ class NativeDataPath:
             sock.fileno(),
             max_message_bytes=max_message_bytes,
             eager=eager,
-            latency_bounds_ns=[round(b * 1e9) for b in LATENCY_BOUNDS],
+            latency_bounds_ns=LATENCY_BOUNDS_NS,
         )
         self.backends = backends
 

@@ -17,7 +17,7 @@ import structlog
 
 from weighbridge.errors import DecodeError, EtcdUnavailableError
 from weighbridge.keys import KeyScheme, ServiceKey
-from weighbridge.model import BackendSet, decode, encode
+from weighbridge.model import BackendSet, decode, encode, join_hostport
 from weighbridge.v1 import backend_set_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -79,7 +79,7 @@ def client(endpoints: str, *, timeout: float = 5.0) -> aetcd.Client:
     host, port = eps[0]
     if len(eps) > 1 and all(_is_ip(h) for h, _ in eps):
         family = "ipv6" if ":" in eps[0][0] else "ipv4"
-        joined = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in eps[:-1])
+        joined = ",".join(join_hostport(h, p) for h, p in eps[:-1])
         last_host, port = eps[-1]
         host = f"{family}:{joined},{f'[{last_host}]' if ':' in last_host else last_host}"
     return aetcd.Client(host=host, port=port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))

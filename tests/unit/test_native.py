@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 import weighbridge_native
 
+from dataplane.native import LATENCY_BOUNDS_NS
 from dataplane.routing import LATENCY_BOUNDS
 from dataplane.strategies import REGISTRY, build_picker
 
@@ -29,7 +30,7 @@ def engine() -> Iterator[weighbridge_native.Engine]:
             sock.fileno(),
             max_message_bytes=1 << 20,
             eager=False,  # no connections: nothing listens on these endpoints
-            latency_bounds_ns=[round(b * 1e9) for b in LATENCY_BOUNDS],
+            latency_bounds_ns=LATENCY_BOUNDS_NS,
         )
     yield e
     e.close()
