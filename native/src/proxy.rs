@@ -184,7 +184,7 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, respond: SendRe
                 grpc::DEADLINE_EXCEEDED,
                 format!(
                     "weighbridge: deadline of {}s exceeded waiting for {}",
-                    trim_float(limit.as_secs_f64()),
+                    limit.as_secs_f64(),
                     target.who
                 ),
             )),
@@ -205,12 +205,6 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, respond: SendRe
     };
     stats.in_flight.fetch_sub(1, Relaxed);
     stats.observe(&shared.bounds_ns, started.elapsed(), ok);
-}
-
-/// `0.5`, `2`, `1e-06`: a duration in seconds as Python's `{:g}` shows it (close enough).
-fn trim_float(x: f64) -> String {
-    let text = format!("{x}");
-    text.strip_suffix(".0").map(str::to_string).unwrap_or(text)
 }
 
 /// Carries one call to `target` and back; Ok(true) when the backend's status was OK.

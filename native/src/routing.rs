@@ -5,6 +5,7 @@
 //! service in its path (`/pkg.Service/Method`) is one the set declares. Routes are keyed by
 //! `NAME.NAMESPACE` so that a lookup needs no allocation.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -41,26 +42,27 @@ pub fn host_key(key: &str) -> String {
 }
 
 /// The `NAME.NAMESPACE` part of an authority, if it has that form.
-fn authority_host(authority: &str) -> Option<std::borrow::Cow<'_, str>> {
+fn authority_host(authority: &str) -> Option<Cow<'_, str>> {
     let mut host = authority;
     if host.bytes().filter(|&b| b == b':').count() == 1 {
         host = &host[..host.find(':')?];
     }
-    let mut host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        host.to_ascii_lowercase().into()
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        let lowered = host.to_ascii_lowercase();
+        service_host(&lowered).map(|h| Cow::Owned(h.to_string()))
     } else {
-        host.into()
-    };
-    let trimmed = host.trim_end_matches('.');
-    if trimmed.len() != host.len() {
-        host = trimmed.to_string().into();
+        service_host(host).map(Cow::Borrowed) // the usual case: no allocation
     }
-    for suffix in [".svc.cluster.local", ".svc"] {
-        if let Some(stripped) = host.strip_suffix(suffix) {
-            host = stripped.to_string().into();
-            break;
-        }
-    }
+}
+
+/// `NAME.NAMESPACE` from a lower-case host: trailing dots and the `.svc[.cluster.local]`
+/// suffix dropped.
+fn service_host(host: &str) -> Option<&str> {
+    let host = host.trim_end_matches('.');
+    let host = host
+        .strip_suffix(".svc.cluster.local")
+        .or_else(|| host.strip_suffix(".svc"))
+        .unwrap_or(host);
     (host.bytes().filter(|&b| b == b'.').count() == 1).then_some(host)
 }
 
