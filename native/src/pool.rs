@@ -36,7 +36,6 @@ pub struct Backend {
     pub hostport: String,
     state: Mutex<State>,
     connecting: tokio::sync::Mutex<()>,
-    connected: AtomicBool,
     drained: AtomicBool,
 }
 
@@ -46,7 +45,6 @@ impl Backend {
             hostport,
             state: Mutex::new(State::default()),
             connecting: tokio::sync::Mutex::new(()),
-            connected: AtomicBool::new(false),
             drained: AtomicBool::new(false),
         }
     }
@@ -56,7 +54,7 @@ impl Backend {
     }
 
     pub fn connected(&self) -> bool {
-        self.connected.load(Relaxed)
+        self.state().sender.is_some()
     }
 
     pub fn last_error(&self) -> String {
@@ -89,7 +87,6 @@ impl Backend {
                 st.failures = 0;
                 st.failed_at = None;
                 st.last_error.clear();
-                self.connected.store(true, Relaxed);
                 Ok(sender)
             }
             Err(e) => {
@@ -138,7 +135,6 @@ impl Backend {
         if !self.drained.load(Relaxed) {
             st.last_error = why;
         }
-        self.connected.store(false, Relaxed);
     }
 
     /// Out of every set. Calls that picked it (even a moment ago, on another thread) still use
