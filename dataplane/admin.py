@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import grpc
 
-from dataplane.native import NativeDataPath
-from dataplane.routing import NoRouteError, Router, ServiceState
-from dataplane.strategies import NoBackendError
+from dataplane.engine import BackendStats, Engine, NoBackendError
+from dataplane.routing import Routes, ServiceState
 from dataplane.subscription import Subscription
 from weighbridge.keys import ServiceKey
 from weighbridge.model import endpoint_to_proto, to_proto
@@ -16,31 +13,28 @@ from weighbridge.v1 import admin_pb2 as api
 from weighbridge.v1 import admin_pb2_grpc as api_grpc
 
 
-def service_status(state: ServiceState) -> api.ServiceStatus:
+def service_status(state: ServiceState, stats: list[BackendStats]) -> api.ServiceStatus:
+    """One applied set with the engine's counters of each endpoint."""
     bs = state.backend_set
     shares = bs.probabilities()
-    backends = {t.endpoint.hostport: t.backend for t in state.targets}
-    out = api.ServiceStatus(
-        backend_set=to_proto(bs),
-        mod_revision=state.mod_revision,
-    )
+    by_hostport = {s.hostport: s for s in stats}
+    out = api.ServiceStatus(backend_set=to_proto(bs), mod_revision=state.mod_revision)
     for e in bs.endpoints:
-        stats = state.stats.get(e.hostport)
-        backend = backends.get(e.hostport)
-        done = sum(stats.buckets) if stats else 0
+        s = by_hostport.get(e.hostport)
+        done = sum(s.buckets) if s else 0
         out.backends.append(
             api.BackendStatus(
                 endpoint=endpoint_to_proto(e),
                 eligible=e.eligible,
                 share=float(shares.get(e.hostport, 0)),
-                requests=stats.requests if stats else 0,
-                errors=stats.errors if stats else 0,
-                in_flight=stats.in_flight if stats else 0,
-                latency_mean_ms=(stats.latency_sum / done * 1000) if stats and done else 0.0,
-                latency_p50_ms=stats.quantile(0.5) * 1000 if stats else 0.0,
-                latency_p99_ms=stats.quantile(0.99) * 1000 if stats else 0.0,
-                connected=backend.connected if backend else False,
-                last_error=backend.last_error if backend else "",
+                requests=s.requests if s else 0,
+                errors=s.errors if s else 0,
+                in_flight=s.in_flight if s else 0,
+                latency_mean_ms=(s.latency_sum / done * 1000) if s and done else 0.0,
+                latency_p50_ms=s.quantile(0.5) * 1000 if s else 0.0,
+                latency_p99_ms=s.quantile(0.99) * 1000 if s else 0.0,
+                connected=s.connected if s else False,
+                last_error=s.last_error if s else "",
             )
         )
     return out
@@ -48,23 +42,16 @@ def service_status(state: ServiceState) -> api.ServiceStatus:
 
 class AdminService(api_grpc.AdminServicer):
     def __init__(
-        self,
-        proxy_id: str,
-        router: Router,
-        subscription: Subscription,
-        refresh: Callable[[ServiceKey | None], None] = lambda key: None,
-        native: NativeDataPath | None = None,
+        self, proxy_id: str, routes: Routes, engine: Engine, subscription: Subscription
     ) -> None:
         self.proxy_id = proxy_id
-        self.router = router
+        self.routes = routes
+        self.engine = engine
         self.subscription = subscription
-        self.refresh = refresh
-        self.native = native
 
     async def ListBackendSets(
         self, request: api.ListBackendSetsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> api.ListBackendSetsResponse:
-        self.refresh(ServiceKey(request.service) if request.service else None)
         sub = self.subscription
         response = api.ListBackendSetsResponse(
             proxy_id=self.proxy_id,
@@ -73,39 +60,41 @@ class AdminService(api_grpc.AdminServicer):
             etcd_last_error=sub.last_error,
             relists=sub.relists,
         )
-        services = self.router.services
-        keys = [request.service] if request.service else sorted(services)
-        for key in keys:
-            state = services.get(key)  # type: ignore[call-overload]
+        services = self.routes.services
+        wanted = ServiceKey(request.service) if request.service else None
+        stats: dict[ServiceKey, list[BackendStats]] = {}
+        for s in self.engine.stats(wanted):  # one Service's counters only, when asked for one
+            stats.setdefault(s.service, []).append(s)
+        for key in [wanted] if wanted else sorted(services):
+            state = services.get(key)
             if state is not None:
-                response.services.append(service_status(state))
-        if request.service and not response.services:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no backend set for {request.service}")
+                response.services.append(service_status(state, stats.get(key, [])))
+        if wanted and not response.services:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no backend set for {wanted}")
         return response
 
     async def Explain(
         self, request: api.ExplainRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> api.ExplainResponse:
-        cursor = None
+        """Asks the engine: its routing table and its pickers are the truth."""
         try:
-            if self.native is not None:  # the engine's routing table and rotation are the truth
-                key, matched = self.native.route(request.authority, request.method)
-                state = self.router.services[key]
-                cursor = self.native.cursor(key)
-            else:
-                state, matched = self.router.route(
-                    request.authority.encode(), request.method.encode()
-                )
-        except NoRouteError as exc:
+            key, matched = self.engine.route(request.authority, request.method)
+        except NoBackendError as exc:
             return api.ExplainResponse(error=f"weighbridge: {exc}")
+        state = self.routes.services.get(key)
         response = api.ExplainResponse(
-            service=state.key, matched_by=matched, strategy=state.backend_set.strategy
+            service=key,
+            matched_by=matched,
+            strategy=state.backend_set.strategy if state else "",
         )
         try:
-            explanation = state.picker.explain(cursor)
+            hostport, reason = self.engine.explain(key)
         except NoBackendError as exc:
             response.error = f"weighbridge: {exc}"
             return response
-        response.endpoint.CopyFrom(endpoint_to_proto(explanation.backend.endpoint))
-        response.reason = explanation.reason
+        endpoints = state.backend_set.endpoints if state else ()
+        endpoint = next((e for e in endpoints if e.hostport == hostport), None)
+        if endpoint is not None:
+            response.endpoint.CopyFrom(endpoint_to_proto(endpoint))
+        response.reason = reason
         return response

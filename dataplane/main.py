@@ -8,57 +8,71 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Sequence
 
 import structlog
 
-from dataplane.app import ENGINES, Proxy, ProxyConfig
+from dataplane.app import Proxy
+from dataplane.settings import DEFAULTS, ProxySettings, available_cpus
 from weighbridge import etcd as store
-from weighbridge.cli import add_etcd_arguments, add_log_arguments, split_hostport
+from weighbridge.cli import add_etcd_arguments, add_log_arguments
 from weighbridge.keys import KeyScheme
 from weighbridge.logs import configure
 
 log = structlog.get_logger("dataplane")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    env = os.environ.get
+    """The flags; every default comes from :data:`dataplane.settings.DEFAULTS`."""
+    d = DEFAULTS
     p = argparse.ArgumentParser(
         prog="weighbridge-proxy",
         description="Proxy gRPC calls to the backends of Kubernetes Services, picking one per "
         "request with the Service's strategy (backend sets come from etcd).",
     )
-    p.add_argument(
-        "--listen", default="0.0.0.0:8080", help="client port, gRPC over h2c (default: %(default)s)"
-    )
+    p.add_argument("--listen", default=d.listen, help="client port, gRPC over h2c (%(default)s)")
     p.add_argument(
         "--admin-listen",
-        default="0.0.0.0:9501",
-        help="admin gRPC API, health, reflection; worker k uses port+k (default: %(default)s)",
+        default=d.admin_listen,
+        help="admin gRPC API, health, reflection; '' to disable (%(default)s)",
     )
     p.add_argument(
         "--metrics-listen",
-        default="0.0.0.0:9502",
-        help="Prometheus /metrics; worker k uses port+k (default: %(default)s)",
+        default=d.metrics_listen,
+        help="Prometheus /metrics; '' to disable (%(default)s)",
     )
     p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes sharing the client port via SO_REUSEPORT, each with its own "
-        "etcd subscription (default: %(default)s)",
+        "--threads",
+        type=positive_int,
+        default=d.threads,
+        help="engine threads carrying calls (default: the CPUs this process may use, from "
+        f"its affinity and cgroup quota: {available_cpus()} here)",
+    )
+    p.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=d.max_connection_age,
+        metavar="SECONDS",
+        help="send GOAWAY to a client connection after this long (±10%%) so clients "
+        "reconnect and spread over threads and proxies; 0: never (%(default)s)",
     )
     p.add_argument(
         "--max-message-bytes",
-        type=int,
-        default=16 << 20,
-        help="largest gRPC message in either direction (default: %(default)s = 16 MiB)",
+        type=positive_int,
+        default=d.max_message_bytes,
+        help="largest gRPC message in either direction (%(default)s = 16 MiB)",
     )
     p.add_argument(
         "--id",
-        default=env("POD_NAME") or socket.gethostname(),
+        default=os.environ.get("POD_NAME") or socket.gethostname(),
         help="proxy identity in its etcd status key (default: $POD_NAME or host name)",
     )
     p.add_argument(
@@ -68,46 +82,34 @@ def build_parser() -> argparse.ArgumentParser:
         "(for very large, mostly idle sets)",
     )
     p.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="native",
-        help="what carries calls: the Rust engine, or the pure-Python HTTP/2 path "
-        "(slower; the reference) (default: %(default)s)",
-    )
-    p.add_argument(
         "--grace",
         type=float,
-        default=10.0,
-        help="seconds calls in flight may take to finish on shutdown (default: %(default)s)",
+        default=d.grace,
+        help="seconds calls in flight may take to finish on shutdown (%(default)s)",
     )
-    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     add_etcd_arguments(p)
     add_log_arguments(p)
     return p
 
 
-def _offset(hostport: str, k: int) -> str:
-    host, port = split_hostport(hostport)
-    return f"{host}:{port + k if port else 0}"
+def settings_of(args: argparse.Namespace) -> ProxySettings:
+    return ProxySettings(
+        listen=args.listen,
+        admin_listen=args.admin_listen or None,
+        metrics_listen=args.metrics_listen or None,
+        threads=args.threads,
+        max_connection_age=args.max_connection_age,
+        max_message_bytes=args.max_message_bytes,
+        grace=args.grace,
+        eager_connections=not args.lazy_connect,
+    )
 
 
-async def serve(args: argparse.Namespace, index: int) -> None:
-    proxy_id = args.id if args.workers == 1 else f"{args.id}-w{index}"
-    structlog.contextvars.bind_contextvars(component="proxy", proxy_id=proxy_id)
+async def serve(args: argparse.Namespace) -> None:
+    structlog.contextvars.bind_contextvars(component="proxy", proxy_id=args.id)
     etcd = store.client(args.etcd)
     proxy = Proxy(
-        etcd=etcd,
-        scheme=KeyScheme(args.prefix),
-        proxy_id=proxy_id,
-        config=ProxyConfig(
-            listen=args.listen,
-            admin_listen=_offset(args.admin_listen, index) if args.admin_listen else None,
-            metrics_listen=_offset(args.metrics_listen, index) if args.metrics_listen else None,
-            reuse_port=True,
-            max_message_bytes=args.max_message_bytes,
-            eager_connections=not args.lazy_connect,
-            engine=args.engine,
-        ),
+        etcd=etcd, scheme=KeyScheme(args.prefix), proxy_id=args.id, settings=settings_of(args)
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,37 +117,21 @@ async def serve(args: argparse.Namespace, index: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     await proxy.start()
     await stop.wait()
-    log.info("stopping", grace=args.grace)
-    await proxy.stop(args.grace)
+    log.info("stopping", grace=proxy.settings.grace)
+    await proxy.stop()
     await store.close(etcd)
 
 
-def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``--workers`` copies of this command and stop them together."""
-    children = [
-        subprocess.Popen([sys.executable, "-m", "dataplane.main", *argv, "--worker-index", str(k)])
-        for k in range(args.workers)
-    ]
-
-    def forward(signum: int, _frame: object) -> None:
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [c.wait() for c in children]
-    return max(codes, default=0)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings_of(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     configure(level=args.log_level, fmt=args.log_format)
-    if args.workers > 1 and args.worker_index is None:
-        sys.exit(supervise(args, argv))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args, args.worker_index or 0))
+        asyncio.run(serve(args))
     sys.exit(0)
 
 

@@ -1,33 +1,32 @@
-"""Prometheus metrics of the proxy, computed at scrape time from plain counters, so the
-request path never touches a metrics library."""
+"""Prometheus metrics of the proxy, read from the engine's counters at scrape time, so the call
+path never touches a metrics library."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from dataplane.proxying import ProxyCounters
-from dataplane.routing import LATENCY_BOUNDS, Router
+from dataplane.engine import LATENCY_BOUNDS, Engine
+from dataplane.routing import Routes
 from dataplane.subscription import Subscription
+
+Family = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
 
 
 class ProxyCollector(Collector):
-    def __init__(
-        self,
-        router: Router,
-        counters: ProxyCounters,
-        subscription: Subscription,
-        refresh: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.router = router
-        self.counters = counters
+    def __init__(self, engine: Engine, routes: Routes, subscription: Subscription) -> None:
+        self.engine = engine
+        self.routes = routes
         self.subscription = subscription
-        self.refresh = refresh
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
-        self.refresh()
+    def collect(self) -> Iterator[Family]:
+        yield from self._backends()
+        yield from self._engine()
+        yield from self._subscription()
+
+    def _backends(self) -> Iterator[Family]:
         labels = ["service", "backend"]
         requests = CounterMetricFamily(
             "weighbridge_proxy_backend_requests", "Calls sent to a backend.", labels=labels
@@ -45,29 +44,58 @@ class ProxyCollector(Collector):
             "Duration of calls through the proxy, by backend.",
             labels=labels,
         )
-        for key, state in self.router.services.items():
-            for hostport, s in state.stats.items():
-                lv = [key, hostport]
-                requests.add_metric(lv, s.requests)
-                errors.add_metric(lv, s.errors)
-                in_flight.add_metric(lv, s.in_flight)
-                cumulative, buckets = 0, []
-                for bound, n in zip((*LATENCY_BOUNDS, float("inf")), s.buckets, strict=True):
-                    cumulative += n
-                    buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
-                latency.add_metric(lv, buckets, s.latency_sum)
+        bounds = [str(b) for b in LATENCY_BOUNDS] + ["+Inf"]
+        for s in self.engine.stats():
+            lv = [s.service, s.hostport]
+            requests.add_metric(lv, s.requests)
+            errors.add_metric(lv, s.errors)
+            in_flight.add_metric(lv, s.in_flight)
+            cumulative, buckets = 0, []
+            for bound, n in zip(bounds, s.buckets, strict=True):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            latency.add_metric(lv, buckets, s.latency_sum)
         yield from (requests, errors, in_flight, latency)
+
+    def _engine(self) -> Iterator[Family]:
+        counters = self.engine.counters()
         calls = CounterMetricFamily("weighbridge_proxy_calls", "Calls received by the proxy.")
-        calls.add_metric([], self.counters.calls)
+        calls.add_metric([], counters.calls)
         yield calls
         local = CounterMetricFamily(
             "weighbridge_proxy_local_errors",
             "Calls the proxy ended itself, by reason.",
             labels=["reason"],
         )
-        for reason, n in self.counters.local_errors.items():
+        for reason, n in counters.local_errors.items():
             local.add_metric([reason], n)
         yield local
+        threads = self.engine.thread_stats()
+        yield GaugeMetricFamily(
+            "weighbridge_proxy_threads", "Engine threads carrying calls.", value=len(threads)
+        )
+        accepted = CounterMetricFamily(
+            "weighbridge_proxy_thread_connections",
+            "Client connections accepted, by engine thread.",
+            labels=["thread"],
+        )
+        open_now = GaugeMetricFamily(
+            "weighbridge_proxy_thread_connections_open",
+            "Client connections open, by engine thread.",
+            labels=["thread"],
+        )
+        thread_calls = CounterMetricFamily(
+            "weighbridge_proxy_thread_calls",
+            "Calls received, by engine thread.",
+            labels=["thread"],
+        )
+        for i, t in enumerate(threads):
+            accepted.add_metric([str(i)], t.connections)
+            open_now.add_metric([str(i)], t.open)
+            thread_calls.add_metric([str(i)], t.calls)
+        yield from (accepted, open_now, thread_calls)
+
+    def _subscription(self) -> Iterator[Family]:
         sub = self.subscription
         yield GaugeMetricFamily(
             "weighbridge_proxy_applied_revision",
@@ -77,7 +105,7 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily(
             "weighbridge_proxy_backend_sets",
             "Backend sets applied.",
-            value=len(self.router.services),
+            value=len(self.routes.services),
         )
         yield GaugeMetricFamily(
             "weighbridge_proxy_etcd_connected",

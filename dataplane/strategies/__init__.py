@@ -1,55 +1,60 @@
-"""Load-balancing strategies: one small module each, looked up by name.
+"""Load-balancing strategies, the configuration side: one small module each.
 
-picker = build_picker("weighted_round_robin", backends, rng)
+Each module describes its strategy and turns a backend set's eligible endpoints into what the
+engine's executor of the same name (``native/src/strategy/``) needs: the weights it picks by.
+The rule that picks an endpoint per call lives in the engine only.
+
+    route = configure(backend_set)      # → engine.apply(key, route)
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Final
 
 from dataplane.strategies import randompick, roundrobin, weightedrandom, weightedroundrobin
-from dataplane.strategies.base import (
-    B,
-    ErrorPicker,
-    Explanation,
-    NoBackendError,
-    Picker,
-    Weighted,
-)
+from dataplane.strategies.strategy import Strategy
+from weighbridge.model import BackendSet
 
-REGISTRY: Final[dict[str, Any]] = {
-    m.NAME: m.build for m in (roundrobin, randompick, weightedroundrobin, weightedrandom)
+REGISTRY: Final[dict[str, Strategy]] = {
+    m.STRATEGY.name: m.STRATEGY
+    for m in (roundrobin, randompick, weightedroundrobin, weightedrandom)
 }
-"""Strategy name → builder(eligible_backends, rng) → picker."""
+"""Strategy name → its description; the same names as the model's and the engine's."""
 
 
-def build_picker(
-    strategy: str, backends: Sequence[B], rng: random.Random, *, empty_message: str
-) -> Picker[B]:
-    """The picker for ``strategy`` over ``backends`` (already filtered to eligible ones).
+@dataclass(frozen=True, slots=True)
+class RouteEndpoint:
+    """One eligible endpoint as the engine gets it."""
 
-    An empty list, or an unknown strategy, gives an :class:`ErrorPicker` that fails every
-    pick with a message a human understands.
-    """
-    builder = REGISTRY.get(strategy)
-    if builder is None:
-        return ErrorPicker(
-            f"unknown strategy {strategy!r} (this proxy knows {', '.join(REGISTRY)})"
-        )
-    if not backends:
-        return ErrorPicker(empty_message)
-    picker: Picker[B] = builder(backends, rng)
-    return picker
+    hostport: str
+    pod: str
+    weight: int
 
 
-__all__ = [
-    "REGISTRY",
-    "ErrorPicker",
-    "Explanation",
-    "NoBackendError",
-    "Picker",
-    "Weighted",
-    "build_picker",
-]
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """What the engine needs to route one Service's calls."""
+
+    strategy: str
+    endpoints: tuple[RouteEndpoint, ...]
+    """The eligible endpoints (serving, not terminating, weight > 0): the only ones picked."""
+    total: int
+    """Endpoints in the set, eligible or not (to explain an empty route)."""
+
+
+def configure(backend_set: BackendSet) -> RouteConfig:
+    """The engine's configuration of ``backend_set`` (whose strategy the model validated)."""
+    strategy = REGISTRY[backend_set.strategy]
+    eligible = backend_set.eligible
+    return RouteConfig(
+        strategy=strategy.name,
+        endpoints=tuple(
+            RouteEndpoint(e.hostport, e.pod, w)
+            for e, w in zip(eligible, strategy.weights(eligible), strict=True)
+        ),
+        total=len(backend_set.endpoints),
+    )
+
+
+__all__ = ["REGISTRY", "RouteConfig", "RouteEndpoint", "Strategy", "configure"]

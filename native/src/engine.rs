@@ -1,6 +1,6 @@
-//! The Python face of the data path: an `Engine` owns a thread running the HTTP/2 proxy on
-//! a single-threaded Tokio runtime. Python applies backend sets to it and reads its counters;
-//! no request ever touches Python or waits for the GIL.
+//! The Python face of the data path: an `Engine` owns N threads, each running the HTTP/2 proxy
+//! on a single-threaded Tokio runtime (see `workers`). Python applies backend sets to it and
+//! reads snapshots of its state; no call ever touches Python or waits for the GIL.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{FromRawFd, RawFd};
@@ -9,15 +9,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyLookupError, PyOSError, PyValueError};
 use pyo3::prelude::*;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
-use crate::pick::Plan;
 use crate::pool::Pool;
 use crate::routing::{Route, Table, Target};
 use crate::stats::{Counters, Stats};
+use crate::strategy::Picker;
+use crate::workers::{self, WorkerCounters};
 
+/// What every engine thread shares.
 pub struct Shared {
     table: RwLock<Table>,
     pool: Pool,
@@ -25,8 +27,11 @@ pub struct Shared {
     /// applying one set costs its own endpoints, not every Service's.
     stats: Mutex<HashMap<String, HashMap<String, Arc<Stats>>>>,
     pub counters: Counters,
+    pub workers: Box<[WorkerCounters]>,
     pub bounds_ns: Vec<u64>,
     pub max_message_bytes: usize,
+    /// A client connection gets GOAWAY after about this long (±10%); None: never.
+    pub max_connection_age: Option<Duration>,
 }
 
 impl Shared {
@@ -45,122 +50,163 @@ impl Shared {
     }
 }
 
-/// One endpoint of a set as Python hands it over: (HOST:PORT, pod name or "").
-type EndpointArg = (String, String);
+/// One eligible endpoint of a set as Python hands it over: (HOST:PORT, pod name or "", weight).
+type EndpointArg = (String, String, u32);
 /// One row of `Engine.stats()`.
-type StatsRow = (String, String, u64, u64, i64, f64, Vec<u64>);
+type StatsRow = (String, String, u64, u64, i64, f64, Vec<u64>, bool, String);
 
 #[pyclass(frozen, module = "weighbridge_native")]
 pub struct Engine {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
-    kill: Mutex<Option<oneshot::Sender<()>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    kill: watch::Sender<bool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Where rotations start: a seeded generator when the caller asked for repeatable runs.
+    starts: Mutex<fastrand::Rng>,
 }
 
 #[pymethods]
 impl Engine {
-    /// Serves the listening socket `fd` (duplicated; the caller keeps its own).
+    /// Serves the listening socket `fd` (duplicated; the caller keeps its own) on `threads`
+    /// threads.
     #[new]
-    #[pyo3(signature = (fd, *, max_message_bytes, eager, latency_bounds_ns))]
+    #[pyo3(signature = (
+        fd, *, threads, max_message_bytes, eager, latency_bounds_ns, max_connection_age_s=0.0,
+        seed=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         fd: RawFd,
+        threads: usize,
         max_message_bytes: usize,
         eager: bool,
         latency_bounds_ns: Vec<u64>,
+        max_connection_age_s: f64,
+        seed: Option<u64>,
     ) -> PyResult<Self> {
+        if threads == 0 {
+            return Err(PyValueError::new_err("threads must be at least 1"));
+        }
+        if !(max_connection_age_s.is_finite() && max_connection_age_s >= 0.0) {
+            return Err(PyValueError::new_err(
+                "max_connection_age_s must be a number of seconds ≥ 0",
+            ));
+        }
+        let os = |e: std::io::Error| PyOSError::new_err(e.to_string());
         let borrowed =
             std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) });
-        let listener = borrowed
-            .try_clone()
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .thread_name("weighbridge-data")
-            .build()
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let mut runtimes = Vec::with_capacity(threads);
+        let mut listeners = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let listener = borrowed.try_clone().map_err(os)?;
+            listener.set_nonblocking(true).map_err(os)?;
+            listeners.push(listener);
+            runtimes.push(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(os)?,
+            );
+        }
         let shared = Arc::new(Shared {
             table: RwLock::new(Table::default()),
-            pool: Pool::new(eager, runtime.handle().clone()),
+            pool: Pool::new(eager, runtimes.iter().map(|r| r.handle().clone()).collect()),
             stats: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            workers: (0..threads).map(|_| WorkerCounters::default()).collect(),
             bounds_ns: latency_bounds_ns,
             max_message_bytes,
+            max_connection_age: (max_connection_age_s > 0.0)
+                .then(|| Duration::from_secs_f64(max_connection_age_s)),
         });
         let (stop, stop_rx) = watch::channel(false);
-        let (kill, kill_rx) = oneshot::channel::<()>();
-        let serving = Arc::clone(&shared);
+        let (kill, kill_rx) = watch::channel(false);
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let thread = std::thread::Builder::new()
-            .name("weighbridge-data".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let _ = started_tx.send(Err(e.to_string()));
-                            return;
-                        }
-                    };
-                    let _ = started_tx.send(Ok(()));
-                    tokio::spawn(crate::proxy::serve(serving, listener, stop_rx));
-                    let _ = kill_rx.await;
-                });
-                runtime.shutdown_timeout(Duration::from_millis(200));
-            })
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
-        match started_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(PyOSError::new_err(e)),
-            Err(_) => return Err(PyOSError::new_err("data-path thread died at start")),
+        let mut handles = Vec::with_capacity(threads);
+        for (index, (runtime, listener)) in runtimes.into_iter().zip(listeners).enumerate() {
+            let serving = Arc::clone(&shared);
+            let (stop_rx, mut kill_rx, started_tx) =
+                (stop_rx.clone(), kill_rx.clone(), started_tx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("weighbridge-{index}"))
+                .spawn(move || {
+                    workers::enter(index);
+                    runtime.block_on(async move {
+                        let listener = match tokio::net::TcpListener::from_std(listener) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                let _ = started_tx.send(Err(e.to_string()));
+                                return;
+                            }
+                        };
+                        let _ = started_tx.send(Ok(()));
+                        tokio::spawn(crate::proxy::serve(serving, listener, stop_rx));
+                        let _ = kill_rx.wait_for(|&k| k).await;
+                    });
+                    runtime.shutdown_timeout(Duration::from_millis(200));
+                })
+                .map_err(os)?;
+            handles.push(thread);
         }
-        Ok(Engine {
+        let engine = Engine {
             shared,
             stop,
-            kill: Mutex::new(Some(kill)),
-            thread: Mutex::new(Some(thread)),
-        })
+            kill,
+            threads: Mutex::new(handles),
+            starts: Mutex::new(seed.map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed)),
+        };
+        for _ in 0..threads {
+            match started_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(PyOSError::new_err(e)),
+                Err(_) => return Err(PyOSError::new_err("an engine thread died at start")),
+            }
+        }
+        Ok(engine)
+    }
+
+    /// How many threads carry calls.
+    #[getter]
+    fn threads(&self) -> usize {
+        self.shared.workers.len()
     }
 
     /// Installs (replaces) the route of Service `key` (NAMESPACE/NAME) in one swap.
     ///
-    /// `plan` is how to pick per request: "cycle" walks `table` (backend indices) from
-    /// `start`; "uniform"; "cumulative" draws against cumulative weights `table`; "smooth"
-    /// runs smooth WRR over weights `table` (started `start` steps in); "fail" fails every
-    /// pick with `message`.
-    #[pyo3(signature = (key, endpoints, plan, table, start, message))]
+    /// `endpoints` are the eligible ones, as (HOST:PORT, pod, weight > 0); `total` counts every
+    /// endpoint of the set, eligible or not, to explain an empty route. Raises ValueError for
+    /// an unknown strategy or a weight of 0.
     fn apply(
         &self,
         key: String,
+        strategy: &str,
         endpoints: Vec<EndpointArg>,
-        plan: &str,
-        table: Vec<u64>,
-        start: u64,
-        message: String,
+        total: usize,
     ) -> PyResult<()> {
-        let plan = Plan::build(plan, table, start, message).map_err(PyValueError::new_err)?;
-        let n = endpoints.len();
-        let fits = match &plan {
-            Plan::Cycle { order, .. } => n > 0 && order.iter().all(|&i| (i as usize) < n),
-            Plan::Uniform => n > 0,
-            Plan::Cumulative { cumulative } => cumulative.len() == n,
-            Plan::Smooth { weights, .. } => weights.len() == n,
-            Plan::Fail(_) => true,
+        let weights: Vec<u32> = endpoints.iter().map(|(_, _, w)| *w).collect();
+        let why = if total == 0 {
+            "no endpoints".to_string()
+        } else {
+            format!("{total} endpoints, none serving, not terminating and of weight > 0")
         };
-        if !fits {
-            return Err(PyValueError::new_err(format!(
-                "pick plan does not fit the {n} endpoints of {key}"
-            )));
-        }
+        let start = self
+            .starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .u64(..);
+        let picker = Picker::build(
+            strategy,
+            &weights,
+            start,
+            format!("Service {key} has no backend that can take requests ({why})"),
+        )
+        .map_err(|e| PyValueError::new_err(format!("Service {key}: {e}")))?;
         let shared = &self.shared;
         let mut all_stats = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
         let stats = all_stats.entry(key.clone()).or_default();
         let targets = endpoints
             .iter()
-            .map(|(hostport, pod)| {
+            .map(|(hostport, pod, _)| {
                 let counters = stats
                     .entry(hostport.clone())
                     .or_insert_with(|| Arc::new(Stats::new(shared.bounds_ns.len())));
@@ -178,7 +224,7 @@ impl Engine {
             .collect();
         // Counters of endpoints that left the set go, unless calls to them are in flight.
         if stats.len() > endpoints.len() {
-            let live: HashSet<&str> = endpoints.iter().map(|(h, _)| h.as_str()).collect();
+            let live: HashSet<&str> = endpoints.iter().map(|(h, _, _)| h.as_str()).collect();
             stats.retain(|hostport, s| {
                 s.in_flight.load(Relaxed) > 0 || live.contains(hostport.as_str())
             });
@@ -188,7 +234,11 @@ impl Engine {
             .table
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(Route { key, targets, plan });
+            .insert(Route {
+                key,
+                targets,
+                picker,
+            });
         if let Some(old) = old {
             shared.release(&old);
         }
@@ -227,17 +277,26 @@ impl Engine {
         self.shared
             .route(authority, path)
             .map(|(r, how)| (r.key.clone(), how))
-            .map_err(pyo3::exceptions::PyLookupError::new_err)
+            .map_err(PyLookupError::new_err)
     }
 
-    /// Where Service `key`'s rotation stands ("cycle" plans): the position of the next pick.
-    fn cursor(&self, key: &str) -> Option<usize> {
+    /// (HOST:PORT, why) of the endpoint Service `key`'s next call would get, without picking;
+    /// raises LookupError when the Service has no route or no endpoint to pick.
+    fn explain(&self, key: &str) -> PyResult<(String, String)> {
         let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
-        table.get(key).and_then(|r| r.plan.cursor())
+        let route = table
+            .get(key)
+            .ok_or_else(|| PyLookupError::new_err(format!("no backend set for Service {key}")))?;
+        let (i, why) = route
+            .picker
+            .explain()
+            .map_err(|m| PyLookupError::new_err(m.to_string()))?;
+        Ok((route.targets[i].backend.hostport.clone(), why))
     }
 
     /// Rows of (NAMESPACE/NAME, HOST:PORT, requests, errors, in flight, latency sum in
-    /// seconds, latency bucket counts), of Service `key` only when given.
+    /// seconds, latency bucket counts, connected, last connection error), of Service `key`
+    /// only when given.
     #[pyo3(signature = (key=None))]
     fn stats(&self, key: Option<&str>) -> Vec<StatsRow> {
         let stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -246,6 +305,7 @@ impl Engine {
             .filter(|(k, _)| key.is_none_or(|key| key == k.as_str()))
             .flat_map(|(key, per_endpoint)| per_endpoint.iter().map(move |(h, s)| (key, h, s)))
             .map(|(key, hostport, s)| {
+                let (connected, last_error) = self.shared.pool.status(hostport).unwrap_or_default();
                 (
                     key.clone(),
                     hostport.clone(),
@@ -254,29 +314,11 @@ impl Engine {
                     s.in_flight.load(Relaxed),
                     s.latency_ns.load(Relaxed) as f64 / 1e9,
                     s.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+                    connected,
+                    last_error,
                 )
             })
             .collect()
-    }
-
-    /// Rows of (HOST:PORT, connected, last error) for every endpoint in use, or for those of
-    /// Service `key` only.
-    #[pyo3(signature = (key=None))]
-    fn backends(&self, key: Option<&str>) -> Vec<(String, bool, String)> {
-        let Some(key) = key else {
-            return self.shared.pool.status();
-        };
-        let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
-        table.get(key).map_or_else(Vec::new, |route| {
-            route
-                .targets
-                .iter()
-                .map(|t| {
-                    let b = &t.backend;
-                    (b.hostport.clone(), b.connected(), b.last_error())
-                })
-                .collect()
-        })
     }
 
     /// (calls received, calls in flight, [(reason, calls the proxy ended itself)]).
@@ -289,6 +331,15 @@ impl Engine {
         )
     }
 
+    /// Per thread: (client connections accepted, open now, calls received).
+    fn thread_counters(&self) -> Vec<(u64, i64, u64)> {
+        self.shared
+            .workers
+            .iter()
+            .map(WorkerCounters::snapshot)
+            .collect()
+    }
+
     /// Stops accepting and sends GOAWAY on every connection; calls in flight go on.
     fn goaway(&self) {
         let _ = self.stop.send(true);
@@ -297,15 +348,13 @@ impl Engine {
     /// Ends everything at once (call `goaway` and wait for calls first to be gentle).
     fn close(&self, py: Python<'_>) {
         let _ = self.stop.send(true);
-        if let Some(kill) = self.kill.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = kill.send(());
-        }
+        let _ = self.kill.send(true);
         self.shared.pool.drain_all();
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(thread) = thread {
-            py.detach(|| {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        py.detach(|| {
+            for thread in threads {
                 let _ = thread.join();
-            });
-        }
+            }
+        });
     }
 }

@@ -4,14 +4,16 @@ use pyo3::prelude::*;
 
 mod engine;
 mod grpc;
-mod pick;
 mod pool;
 mod proxy;
 mod routing;
 mod stats;
+mod strategy;
+mod workers;
 
 #[pymodule]
 fn weighbridge_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::Engine>()?;
+    m.add("STRATEGIES", strategy::NAMES.to_vec())?;
     Ok(())
 }

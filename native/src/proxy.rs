@@ -24,12 +24,13 @@ use crate::engine::Shared;
 use crate::grpc::{self, Meter};
 use crate::routing::Target;
 use crate::stats::LocalError;
+use crate::workers::{self, WorkerCounters};
 
 pub const STREAM_WINDOW: u32 = 1 << 20;
 pub const CONNECTION_WINDOW: u32 = 8 << 20;
 const MAX_CONCURRENT_STREAMS: u32 = 4096;
 
-/// Accepts client connections until told to stop.
+/// Accepts client connections on this thread until told to stop.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -45,7 +46,26 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::
     }
 }
 
+/// Counts a client connection open on this thread for as long as it lives.
+struct Open<'a>(&'a WorkerCounters);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// When a connection accepted now reaches its maximum age: `age` ± 10%, so that connections
+/// opened together do not all go away together.
+fn age_deadline(age: Option<Duration>) -> Option<tokio::time::Instant> {
+    age.map(|age| tokio::time::Instant::now() + age.mul_f64(0.9 + 0.2 * fastrand::f64()))
+}
+
 async fn serve_connection(shared: Arc<Shared>, sock: TcpStream, mut stop: watch::Receiver<bool>) {
+    let counters = &shared.workers[workers::current()];
+    counters.connections.fetch_add(1, Relaxed);
+    counters.open.fetch_add(1, Relaxed);
+    let _open = Open(counters);
     let _ = sock.set_nodelay(true);
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -56,6 +76,7 @@ async fn serve_connection(shared: Arc<Shared>, sock: TcpStream, mut stop: watch:
         return;
     };
     let mut stopping = false;
+    let old_at = age_deadline(shared.max_connection_age);
     loop {
         if !stopping && *stop.borrow_and_update() {
             stopping = true;
@@ -64,6 +85,7 @@ async fn serve_connection(shared: Arc<Shared>, sock: TcpStream, mut stop: watch:
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
+                    counters.calls.fetch_add(1, Relaxed);
                     tokio::spawn(call(Arc::clone(&shared), request, respond));
                 }
                 _ => return,
@@ -75,7 +97,20 @@ async fn serve_connection(shared: Arc<Shared>, sock: TcpStream, mut stop: watch:
                     conn.graceful_shutdown();
                 }
             }
+            // Old enough: GOAWAY, so the client reconnects (and may land on another thread
+            // or proxy); its streams in flight finish here.
+            () = sleep_until_or_never(old_at), if !stopping => {
+                stopping = true;
+                conn.graceful_shutdown();
+            }
         }
+    }
+}
+
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -153,7 +188,7 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, respond: SendRe
             return;
         }
     };
-    let target = match route.plan.pick(route.targets.len()) {
+    let target = match route.picker.pick() {
         Ok(i) => &route.targets[i],
         Err(message) => {
             shared.counters.error(LocalError::NoBackend);

@@ -9,9 +9,9 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::pick::Plan;
 use crate::pool::Backend;
 use crate::stats::Stats;
+use crate::strategy::Picker;
 
 pub struct Target {
     pub backend: Arc<Backend>,
@@ -24,7 +24,7 @@ pub struct Route {
     /// NAMESPACE/NAME
     pub key: String,
     pub targets: Vec<Target>,
-    pub plan: Plan,
+    pub picker: Picker,
 }
 
 #[derive(Default)]
@@ -66,7 +66,7 @@ fn service_host(host: &str) -> Option<&str> {
     (host.bytes().filter(|&b| b == b'.').count() == 1).then_some(host)
 }
 
-/// `'text'`, quoted as Python's repr would (the Python engine's messages are the contract).
+/// `'text'` in single quotes, backslashes and quotes escaped.
 fn quoted(text: &str) -> String {
     format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
 }

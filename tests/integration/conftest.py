@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from controlplane.kube import Kube, KubeError
 from controlplane.metrics import Metrics
-from controlplane.reconciling import Controller, Source
+from controlplane.reconciling import Controller
+from controlplane.settings import DEFAULTS, ControllerSettings, Source
 from devtools import testenv
 from tests.integration import kubeobjects as ko
 from weighbridge import etcd as store
@@ -154,11 +155,11 @@ async def running_controller(
     scheme: KeyScheme,
     *,
     identity: str = "controller-a",
-    source: Source = "endpointslices",
+    source: Source = DEFAULTS.source,
     lease_ttl: int = 3,
-    resync_interval: float = 300.0,
 ) -> AsyncIterator[Controller]:
-    """A controller running in this event loop, stopped (and resigned) on exit."""
+    """A controller running in this event loop, stopped (and resigned) on exit; its lease is
+    short so that failover tests finish quickly."""
     kube = await Kube.connect(str(kubeconfig))
     etcd = store.client(etcd_endpoint)
     controller = Controller(
@@ -167,9 +168,7 @@ async def running_controller(
         scheme=scheme,
         identity=identity,
         metrics=Metrics(CollectorRegistry()),
-        source=source,
-        lease_ttl=lease_ttl,
-        resync_interval=resync_interval,
+        settings=ControllerSettings(source=source, lease_ttl=lease_ttl),
     )
     task = asyncio.create_task(controller.run())
     try:
@@ -209,10 +208,6 @@ def private_apiserver(tmp_path: Path) -> Iterator[testenv.KubeAPIServer]:
     kube_etcd.stop()
 
 
-PROXY_ENGINE = {"engine": "native"}
-"""The data path running_proxy uses unless told otherwise (tests parametrize it)."""
-
-
 def established_to(port: int) -> int:
     """TCP connections on this machine in state ESTABLISHED whose remote port is ``port``."""
     count = 0
@@ -232,27 +227,27 @@ async def running_proxy(
     *,
     seed: int | None = 7,
     proxy_id: str = "proxy-test",
-    **config: Any,
+    **settings: Any,
 ) -> AsyncIterator[Any]:
-    """A proxy in this event loop, listening on free loopback ports, stopped on exit."""
-    import random
-
-    from dataplane.app import Proxy, ProxyConfig
+    """A proxy in this event loop, listening on free loopback ports, stopped on exit. It runs
+    as many engine threads as the default gives (2 on a 2-CPU machine) unless told."""
+    from dataplane.app import Proxy
+    from dataplane.settings import ProxySettings
 
     etcd = store.client(etcd_endpoint)
-    settings = {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "metrics_listen": "127.0.0.1:0",
-        "engine": PROXY_ENGINE["engine"],
-        **config,
-    }
     proxy = Proxy(
         etcd=etcd,
         scheme=scheme,
         proxy_id=proxy_id,
-        config=ProxyConfig(**settings),
-        rng=random.Random(seed) if seed is not None else None,
+        settings=ProxySettings(
+            **{
+                "listen": "127.0.0.1:0",
+                "admin_listen": "127.0.0.1:0",
+                "metrics_listen": "127.0.0.1:0",
+                **settings,
+            }
+        ),
+        seed=seed,
     )
     await proxy.start()
     try:

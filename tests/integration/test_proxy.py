@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from devtools import testenv
 from tests.echo import EchoBackend, echo_backends
-from tests.integration.conftest import PROXY_ENGINE, established_to, eventually, running_proxy
+from tests.integration.conftest import established_to, eventually, running_proxy
 from weighbridge import etcd as store
 from weighbridge.keys import KeyScheme
 from weighbridge.model import BackendSet, Endpoint
@@ -25,13 +25,6 @@ from weighbridge.v1 import backend_set_pb2 as pb
 
 pytestmark = pytest.mark.integration
 AUTHORITY = "echo.default"
-
-
-@pytest.fixture(autouse=True, params=["native", "python"])
-def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both data paths: the Rust engine and the Python reference."""
-    monkeypatch.setitem(PROXY_ENGINE, "engine", request.param)
-    return str(request.param)
 
 
 async def put(
@@ -226,7 +219,7 @@ async def test_a_change_in_etcd_reaches_new_requests(
         await applied(proxy, await put(etcd, scheme, "weighted_round_robin", [a, b], [0, 1]))
         assert {await who(ch) for _ in range(5)} == {"b"}
         await store.delete_set(etcd, scheme, store.ServiceKey("default/echo"))
-        await eventually(lambda: _value(len(proxy.router.services)), lambda n: n == 0)
+        await eventually(lambda: _value(len(proxy.routes.services)), lambda n: n == 0)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await who(ch)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

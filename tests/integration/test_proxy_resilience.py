@@ -1,4 +1,5 @@
-"""The proxy when etcd dies, compacts, or the proxy runs as several worker processes."""
+"""The proxy when etcd dies or compacts, with several engine threads, and with a maximum
+client connection age."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import aetcd
@@ -17,7 +19,7 @@ from dataplane.subscription import Subscription
 from devtools import testenv
 from tests.echo import echo_backends
 from tests.integration.conftest import eventually, running_proxy
-from tests.integration.test_proxy import applied, channel, put, who
+from tests.integration.test_proxy import applied, channel, put, read_all, who
 from weighbridge import etcd as store
 from weighbridge.keys import KeyScheme
 from weighbridge.v1 import backend_set_pb2 as pb
@@ -107,35 +109,40 @@ async def test_compacted_revision_triggers_a_relist_and_nothing_is_missed(
             await client.close()
 
 
-async def test_workers_share_the_port_each_with_its_subscription(
+def metric_values(body: str, name: str) -> dict[str, float]:
+    """``{labels: value}`` of one metric in Prometheus text."""
+    out = {}
+    for line in body.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line[len(name) :].rpartition(" ")
+            out[labels] = float(value)
+    return out
+
+
+async def scrape(port: int) -> str:
+    url = f"http://127.0.0.1:{port}/metrics"
+    return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+
+async def test_threads_share_one_port_one_subscription_and_one_rotation(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, tmp_path: Path
 ) -> None:
-    port = testenv.free_port()
-    admin = testenv.free_port()
-    async with echo_backends("a") as (a,):
-        await put(etcd, scheme, "round_robin", [a])
+    """``--threads 2``: one process, one status key, one admin and one metrics port; client
+    connections spread over both threads, and round robin stays one strict rotation whichever
+    thread carries a call."""
+    port, admin, metrics = testenv.free_port(), testenv.free_port(), testenv.free_port()
+    async with echo_backends("a", "b", "c") as backends:
+        await put(etcd, scheme, "round_robin", backends)
         with (tmp_path / "proxy.log").open("wb") as log:
             proc = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
                     "dataplane.main",
-                    "--etcd",
-                    etcd_server.endpoint,
-                    "--prefix",
-                    scheme.prefix,
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--admin-listen",
-                    f"127.0.0.1:{admin}",
-                    "--metrics-listen",
-                    "127.0.0.1:0",
-                    "--workers",
-                    "2",
-                    "--id",
-                    "wk",
-                    "--log-format",
-                    "json",
+                    *("--etcd", etcd_server.endpoint, "--prefix", scheme.prefix),
+                    *("--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"),
+                    *("--metrics-listen", f"127.0.0.1:{metrics}", "--threads", "2"),
+                    *("--id", "th", "--log-format", "json"),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -146,28 +153,60 @@ async def test_workers_share_the_port_each_with_its_subscription(
                 result = await etcd.get_prefix(scheme.proxies_prefix)
                 return {pb.ProxyStatus.FromString(kv.value).id for kv in result.kvs}
 
-            await eventually(statuses, lambda s: s == {"wk-w0", "wk-w1"}, timeout=30)
-            # Many connections: the kernel spreads them over both workers.
-            for _ in range(20):
-                async with grpc.aio.insecure_channel(
-                    f"127.0.0.1:{port}", options=[("grpc.default_authority", "echo.default")]
-                ) as ch:
-                    assert await who(ch) == "a"
-            for k in (0, 1):
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{admin + k}") as ch:
-                    from weighbridge.v1 import admin_pb2, admin_pb2_grpc
-
-                    listing = await admin_pb2_grpc.AdminStub(ch).ListBackendSets(
-                        admin_pb2.ListBackendSetsRequest()
-                    )
-                    assert listing.proxy_id == f"wk-w{k}"
-                    assert listing.services[0].backends[0].requests > 0, "both workers took calls"
+            await eventually(statuses, lambda s: s == {"th"}, timeout=30)
+            # Eight client connections held open at once (a subchannel pool of each channel's
+            # own, so they are eight TCP connections), called in turn.
+            options = [
+                ("grpc.default_authority", "echo.default"),
+                ("grpc.use_local_subchannel_pool", 1),
+            ]
+            channels = [
+                grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(8)
+            ]
+            try:
+                seq = [await who(channels[i % 8]) for i in range(96)]
+            finally:
+                for ch in channels:
+                    await ch.close()
+            assert all(sorted(seq[i : i + 3]) == ["a", "b", "c"] for i in range(0, 96, 3)), seq
+            body = await scrape(metrics)
+            assert metric_values(body, "weighbridge_proxy_threads") == {"": 2.0}
+            accepted = metric_values(body, "weighbridge_proxy_thread_connections_total")
+            calls = metric_values(body, "weighbridge_proxy_thread_calls_total")
+            assert len(accepted) == 2 and sum(accepted.values()) >= 8, accepted
+            assert all(n > 0 for n in calls.values()), f"both threads carried calls: {calls}"
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
         await eventually(
-            statuses, lambda s: s == set(), timeout=5, what="status keys revoked on shutdown"
+            statuses, lambda s: s == set(), timeout=5, what="status key revoked on shutdown"
         )
+
+
+async def test_max_connection_age_makes_clients_reconnect_without_failing_calls(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
+) -> None:
+    async with (
+        echo_backends("a") as (a,),
+        running_proxy(etcd_server.endpoint, scheme, max_connection_age=0.3) as proxy,
+    ):
+        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+        async with channel(proxy) as ch:
+            # A stream that outlives the connection's age still finishes on it.
+            stream = ch.unary_stream("/test.Echo/ServerStream")(
+                b"2", metadata=(("x-hold", "1"),), timeout=10
+            )
+            assert await stream.read() == b"a:0"
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 1.5
+            calls = 0
+            while loop.time() < end:
+                assert await who(ch) == "a"
+                calls += 1
+            a.release.set()
+            assert await read_all(stream) == [b"a:1"]
+        accepted = sum(t.connections for t in proxy.engine.thread_stats())
+        assert accepted >= 3, f"{accepted} connections for {calls} calls over 1.5 s"
 
 
 class BlackHole:

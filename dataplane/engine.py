@@ -1,0 +1,200 @@
+"""The engine's Python face: the one object through which Python configures and reads the data
+path (the Rust engine in ``native/``, module ``weighbridge_native``).
+
+Everything per call happens in the engine: routing, the strategy's pick, forwarding, limits,
+counters and the errors it answers with. Python hands it each Service's route when a backend
+set changes and reads snapshots of its state for the admin API, Explain and metrics.
+:class:`Engine` is that contract; :class:`NativeEngine` is the engine, and unit tests may use a
+fake of their own.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import weighbridge_native
+
+from dataplane.settings import ProxySettings
+from dataplane.strategies import RouteConfig
+from weighbridge.errors import WeighbridgeError
+from weighbridge.keys import ServiceKey
+
+LATENCY_BOUNDS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+    5.0,
+)
+"""Latency histogram bucket upper bounds, seconds (the last bucket is open); the engine counts
+calls into them and metrics publish them."""
+
+
+class NoBackendError(WeighbridgeError):
+    """No backend can take the call; the message (the engine's) says why, for a human."""
+
+
+class NoRouteError(NoBackendError):
+    """No backend set matches the call."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    """A snapshot of one endpoint's counters within one Service."""
+
+    service: ServiceKey
+    hostport: str
+    requests: int
+    errors: int
+    in_flight: int
+    latency_sum: float
+    """Seconds, over finished calls."""
+    buckets: tuple[int, ...]
+    """Finished calls per bucket of :data:`LATENCY_BOUNDS` (and one open bucket)."""
+    connected: bool
+    last_error: str
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile ``q`` (seconds), 0 without data."""
+        total = sum(self.buckets)
+        if not total:
+            return 0.0
+        rank, seen = q * total, 0
+        for bound, n in zip((*LATENCY_BOUNDS, float("inf")), self.buckets, strict=True):
+            seen += n
+            if seen >= rank:
+                return bound
+        return float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadStats:
+    """What one engine thread has carried."""
+
+    connections: int
+    """Client connections accepted."""
+    open: int
+    """Client connections open now."""
+    calls: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCounters:
+    calls: int
+    in_flight: int
+    local_errors: Mapping[str, int]
+    """Calls the proxy ended itself, by reason (no_route, connect_failed, …)."""
+
+
+class Engine(Protocol):
+    """What Python asks of the data path. Every method is quick and never waits on a call."""
+
+    @property
+    def threads(self) -> int: ...
+
+    def apply(self, key: ServiceKey, route: RouteConfig) -> None:
+        """Install or replace Service ``key``'s route in one swap; calls in flight keep theirs."""
+
+    def remove(self, key: ServiceKey) -> None: ...
+
+    def set_grpc_services(self, table: Mapping[str, ServiceKey]) -> None:
+        """gRPC service name → the Service that serves calls for it by name."""
+
+    def route(self, authority: str, path: str) -> tuple[ServiceKey, str]:
+        """The Service a call would reach and how it matched; raises :class:`NoRouteError`."""
+        ...
+
+    def explain(self, key: ServiceKey) -> tuple[str, str]:
+        """HOST:PORT of the endpoint the next call of ``key`` would get, and why, without
+        picking; raises :class:`NoBackendError`."""
+        ...
+
+    def stats(self, key: ServiceKey | None = None) -> list[BackendStats]: ...
+
+    def counters(self) -> EngineCounters: ...
+
+    def thread_stats(self) -> list[ThreadStats]: ...
+
+    def goaway(self) -> None:
+        """Stop accepting and send GOAWAY on every connection; calls in flight go on."""
+
+    def close(self) -> None:
+        """End everything at once."""
+
+
+class NativeEngine:
+    """The Rust engine serving a listening socket on its own threads."""
+
+    def __init__(
+        self, sock: socket.socket, settings: ProxySettings, *, seed: int | None = None
+    ) -> None:
+        self._engine = weighbridge_native.Engine(
+            sock.fileno(),
+            threads=settings.engine_threads,
+            max_message_bytes=settings.max_message_bytes,
+            eager=settings.eager_connections,
+            latency_bounds_ns=[round(b * 1e9) for b in LATENCY_BOUNDS],
+            max_connection_age_s=settings.max_connection_age,
+            seed=seed,
+        )
+
+    @property
+    def threads(self) -> int:
+        return self._engine.threads
+
+    def apply(self, key: ServiceKey, route: RouteConfig) -> None:
+        self._engine.apply(
+            key,
+            route.strategy,
+            [(e.hostport, e.pod, e.weight) for e in route.endpoints],
+            route.total,
+        )
+
+    def remove(self, key: ServiceKey) -> None:
+        self._engine.remove(key)
+
+    def set_grpc_services(self, table: Mapping[str, ServiceKey]) -> None:
+        self._engine.set_grpc_services(dict(table))
+
+    def route(self, authority: str, path: str) -> tuple[ServiceKey, str]:
+        try:
+            key, matched = self._engine.route(authority, path)
+        except LookupError as exc:
+            raise NoRouteError(str(exc)) from None
+        return ServiceKey(key), matched
+
+    def explain(self, key: ServiceKey) -> tuple[str, str]:
+        try:
+            return self._engine.explain(key)
+        except LookupError as exc:
+            raise NoBackendError(str(exc)) from None
+
+    def stats(self, key: ServiceKey | None = None) -> list[BackendStats]:
+        return [
+            BackendStats(ServiceKey(k), h, r, e, f, s, tuple(b), c, why)
+            for k, h, r, e, f, s, b, c, why in self._engine.stats(key)
+        ]
+
+    def counters(self) -> EngineCounters:
+        calls, in_flight, local = self._engine.counters()
+        return EngineCounters(calls, in_flight, dict(local))
+
+    def thread_stats(self) -> list[ThreadStats]:
+        return [ThreadStats(*row) for row in self._engine.thread_counters()]
+
+    def goaway(self) -> None:
+        self._engine.goaway()
+
+    def close(self) -> None:
+        self._engine.close()

@@ -1,0 +1,114 @@
+"""The proxy's settings: one frozen dataclass, the one home of every default.
+
+``weighbridge-proxy``'s flags take their defaults from :data:`DEFAULTS`; the Helm chart passes
+a flag only when its value is set, so a default is never written twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxySettings:
+    listen: str = "0.0.0.0:8080"
+    """Where clients connect (gRPC over h2c): every interface, since clients are elsewhere."""
+    admin_listen: str | None = "0.0.0.0:9501"
+    """Admin gRPC API, health and reflection; None to disable. Its own port so that a probe or
+    port-forward never competes with client traffic."""
+    metrics_listen: str | None = "0.0.0.0:9502"
+    """Prometheus /metrics over HTTP; None to disable."""
+    threads: int | None = None
+    """Engine threads carrying calls; None: the CPUs this process may use (affinity and cgroup
+    quota), since one thread keeps one CPU busy and more only contend."""
+    max_connection_age: float = 0.0
+    """Seconds (±10%) after which a client connection gets GOAWAY and the client reconnects,
+    spreading long-lived clients over threads and proxies; 0: never, as gRPC servers default
+    to, because reconnecting costs a handshake and most clients open enough connections."""
+    max_message_bytes: int = 16 << 20
+    """Largest gRPC message either way: 16 MiB holds what real APIs send (gRPC's own default
+    of 4 MiB is often raised) while bounding what one call can make the proxy forward."""
+    grace: float = 10.0
+    """Seconds calls in flight get on shutdown: longer than a typical call, shorter than
+    Kubernetes' 30 s termination grace."""
+    eager_connections: bool = True
+    """Connect to endpoints when they appear, so first calls pay no connection set-up; off
+    (``--lazy-connect``) for very large sets that mostly idle."""
+    publish_status: bool = True
+    """Publish the lease-bound status key <prefix>proxies/<id>, for ``wbctl proxies``."""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, not {self.threads}")
+        if not (self.max_connection_age >= 0 and math.isfinite(self.max_connection_age)):
+            raise ValueError(f"max connection age must be ≥ 0 s, not {self.max_connection_age}")
+        if self.max_message_bytes < 1:
+            raise ValueError(f"max message bytes must be ≥ 1, not {self.max_message_bytes}")
+
+    @property
+    def engine_threads(self) -> int:
+        """``threads``, or the CPUs this process may use."""
+        return self.threads if self.threads is not None else available_cpus()
+
+
+DEFAULTS = ProxySettings()
+
+
+def available_cpus(
+    *, proc_self_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> int:
+    """CPUs this process may use: its affinity, capped by its cgroup's CPU quota (rounded up),
+    as a container's ``resources.limits.cpu`` sets it; cgroup v2 and v1."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota(proc_self_cgroup=proc_self_cgroup, root=root)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return cpus
+
+
+def cgroup_cpu_quota(*, proc_self_cgroup: Path, root: Path) -> float | None:
+    """The tightest CPU quota (in CPUs) on this process's cgroup and its ancestors, or None."""
+    try:
+        lines = proc_self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: "0::/path"; limits in cpu.max as "QUOTA PERIOD" or "max …"
+            for d in _cgroup_dirs(root, path):
+                quotas += _read_quota(d / "cpu.max", None)
+        elif "cpu" in controllers.split(","):  # v1: cfs quota and period in two files
+            for mount in (root / controllers, root / "cpu"):
+                if mount.is_dir():
+                    for d in _cgroup_dirs(mount, path):
+                        quotas += _read_quota(d / "cpu.cfs_quota_us", d / "cpu.cfs_period_us")
+                    break
+    return min(quotas) if quotas else None
+
+
+def _cgroup_dirs(mount: Path, path: str) -> list[Path]:
+    """The cgroup's directory and its ancestors under ``mount``; in a container with its own
+    cgroup namespace the path is "/" and the mount is the container's cgroup."""
+    parts = [p for p in path.split("/") if p]
+    dirs = [mount.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+    return [d for d in dirs if d.is_dir()]
+
+
+def _read_quota(quota_file: Path, period_file: Path | None) -> list[float]:
+    try:
+        fields = quota_file.read_text().split()
+        if period_file is not None:
+            fields.append(period_file.read_text().strip())
+    except OSError:
+        return []
+    if len(fields) != 2 or fields[0] in ("max", "-1"):
+        return []
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return []
+    return [quota / period] if quota > 0 and period > 0 else []

@@ -1,0 +1,131 @@
+//! Strategies: which endpoint of a Service takes the next call.
+//!
+//! One small module per strategy, as grpc-go's `balancer/` has. A `Picker` is built from the
+//! eligible endpoints' weights when a backend set is applied (all arithmetic happens then) and
+//! is immutable apart from its own atomics/locks: every engine thread picks from the same
+//! picker, so a rotation stays one strict rotation and smooth WRR stays exact whichever thread
+//! a call lands on. `pick` never blocks on I/O and never allocates.
+//!
+//! Python (dataplane/strategies) validates a set and hands over the strategy name and the
+//! weights; the rule of each strategy lives here only.
+
+mod random;
+mod round_robin;
+mod weighted_random;
+mod weighted_round_robin;
+
+pub use random::Random;
+pub use round_robin::RoundRobin;
+pub use weighted_random::WeightedRandom;
+pub use weighted_round_robin::WeightedRoundRobin;
+
+/// The strategies this engine executes, by the names the backend-set contract uses.
+pub const NAMES: [&str; 4] = [
+    round_robin::NAME,
+    random::NAME,
+    weighted_round_robin::NAME,
+    weighted_random::NAME,
+];
+
+pub enum Picker {
+    RoundRobin(RoundRobin),
+    Random(Random),
+    WeightedRoundRobin(WeightedRoundRobin),
+    WeightedRandom(WeightedRandom),
+    /// Every pick fails with this message (a set with no eligible endpoint).
+    Fail(String),
+}
+
+impl Picker {
+    /// The picker of `strategy` over endpoints of `weights` (all > 0), or `Fail(empty)` when
+    /// there are none. `start` is a random draw that sets where rotations begin, so proxies
+    /// that rebuilt their pickers at the same moment do not all pick the same endpoint next.
+    pub fn build(
+        strategy: &str,
+        weights: &[u32],
+        start: u64,
+        empty: String,
+    ) -> Result<Self, String> {
+        if !NAMES.contains(&strategy) {
+            return Err(format!(
+                "unknown strategy {strategy:?} (this engine knows {})",
+                NAMES.join(", ")
+            ));
+        }
+        if let Some(i) = weights.iter().position(|&w| w == 0) {
+            return Err(format!(
+                "endpoint {i} has weight 0: only eligible endpoints are picked"
+            ));
+        }
+        if weights.is_empty() {
+            return Ok(Picker::Fail(empty));
+        }
+        Ok(match strategy {
+            round_robin::NAME => Picker::RoundRobin(RoundRobin::new(weights.len(), start)),
+            random::NAME => Picker::Random(Random::new(weights.len())),
+            weighted_round_robin::NAME => {
+                Picker::WeightedRoundRobin(WeightedRoundRobin::new(weights, start))
+            }
+            _ => Picker::WeightedRandom(WeightedRandom::new(weights)),
+        })
+    }
+
+    /// The index of the endpoint for this call.
+    #[inline]
+    pub fn pick(&self) -> Result<usize, &str> {
+        match self {
+            Picker::RoundRobin(p) => Ok(p.pick()),
+            Picker::Random(p) => Ok(p.pick()),
+            Picker::WeightedRoundRobin(p) => Ok(p.pick()),
+            Picker::WeightedRandom(p) => Ok(p.pick()),
+            Picker::Fail(message) => Err(message),
+        }
+    }
+
+    /// The endpoint the next pick would take and why, without changing any state (random
+    /// strategies draw one to show).
+    pub fn explain(&self) -> Result<(usize, String), &str> {
+        match self {
+            Picker::RoundRobin(p) => Ok(p.explain()),
+            Picker::Random(p) => Ok(p.explain()),
+            Picker::WeightedRoundRobin(p) => Ok(p.explain()),
+            Picker::WeightedRandom(p) => Ok(p.explain()),
+            Picker::Fail(message) => Err(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_strategies_and_zero_weights_are_refused() {
+        let e = Picker::build("teleport", &[1], 0, String::new())
+            .err()
+            .unwrap();
+        assert!(e.contains("unknown strategy \"teleport\""), "{e}");
+        assert!(e.contains("round_robin, random, weighted_round_robin, weighted_random"));
+        assert!(Picker::build("random", &[1, 0], 0, String::new()).is_err());
+    }
+
+    #[test]
+    fn no_endpoints_fail_every_pick_with_the_message() {
+        for name in NAMES {
+            let p = Picker::build(name, &[], 3, "nothing to pick".into()).unwrap();
+            assert_eq!(p.pick(), Err("nothing to pick"));
+            assert_eq!(p.explain().err(), Some("nothing to pick"));
+        }
+    }
+
+    #[test]
+    fn explain_names_the_next_pick_of_rotations() {
+        for name in [round_robin::NAME, weighted_round_robin::NAME] {
+            let p = Picker::build(name, &[3, 1, 2], 5, String::new()).unwrap();
+            for _ in 0..20 {
+                let (next, _) = p.explain().unwrap();
+                assert_eq!(p.pick(), Ok(next), "{name}");
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+"""The proxy's settings: flags default to the one dataclass, and the CPUs it may use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dataplane.main import build_parser, settings_of
+from dataplane.settings import DEFAULTS, ProxySettings, available_cpus
+
+
+def test_flags_default_to_the_settings_dataclass() -> None:
+    assert settings_of(build_parser().parse_args([])) == DEFAULTS
+
+
+def test_flags_become_settings() -> None:
+    args = build_parser().parse_args(
+        ["--threads", "3", "--max-connection-age", "300", "--lazy-connect", "--admin-listen", ""]
+    )
+    s = settings_of(args)
+    assert (s.threads, s.max_connection_age, s.eager_connections, s.admin_listen) == (
+        3,
+        300.0,
+        False,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "kw", [{"threads": 0}, {"max_connection_age": -1.0}, {"max_message_bytes": 0}]
+)
+def test_bad_settings_are_refused(kw: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        ProxySettings(**kw)  # type: ignore[arg-type]
+
+
+def test_zero_threads_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--threads", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def fake_cgroup(tmp_path: Path, proc: str, files: dict[str, str]) -> dict[str, Path]:
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    (tmp_path / "cgroup").write_text(proc)
+    return {"proc_self_cgroup": tmp_path / "cgroup", "root": tmp_path / "fs"}
+
+
+AFFINITY = len(os.sched_getaffinity(0))
+
+
+def test_no_quota_means_the_affinity(tmp_path: Path) -> None:
+    paths = fake_cgroup(tmp_path, "0::/pod\n", {"pod/cpu.max": "max 100000\n"})
+    assert available_cpus(**paths) == AFFINITY
+
+
+def test_cgroup_v2_quota_rounds_up_and_ancestors_count(tmp_path: Path) -> None:
+    paths = fake_cgroup(
+        tmp_path,
+        "0::/kubepods/pod/ctr\n",
+        {"kubepods/pod/ctr/cpu.max": "max 100000\n", "kubepods/pod/cpu.max": "50000 100000\n"},
+    )
+    assert available_cpus(**paths) == 1
+    (tmp_path / "fs/kubepods/pod/cpu.max").write_text("150000 100000\n")
+    assert available_cpus(**paths) == min(AFFINITY, 2)
+
+
+def test_cgroup_v1_quota(tmp_path: Path) -> None:
+    paths = fake_cgroup(
+        tmp_path,
+        "5:memory:/x\n4:cpu,cpuacct:/docker/abc\n",
+        {
+            "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "100000\n",
+            "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+        },
+    )
+    assert available_cpus(**paths) == 1
+    (tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_quota_us").write_text("-1\n")
+    assert available_cpus(**paths) == AFFINITY
+
+
+def test_unreadable_cgroups_mean_the_affinity(tmp_path: Path) -> None:
+    assert available_cpus(proc_self_cgroup=tmp_path / "none", root=tmp_path) == AFFINITY
+    paths = fake_cgroup(tmp_path, "0::/\n", {"cpu.max": "garbage\n"})
+    assert available_cpus(**paths) == AFFINITY
