@@ -11,6 +11,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Sequence
+from typing import get_args
 
 import grpc
 import structlog
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from controlplane.kube import Kube
 from controlplane.metrics import Metrics
 from controlplane.reconciling import Controller
+from controlplane.settings import DEFAULTS, ControllerSettings, Source
 from weighbridge import etcd as store
 from weighbridge.cli import add_etcd_arguments, add_log_arguments, split_hostport
 from weighbridge.keys import KeyScheme
@@ -31,7 +33,9 @@ log = structlog.get_logger("controlplane")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags; every tunable's default comes from :data:`controlplane.settings.DEFAULTS`."""
     env = os.environ.get
+    d = DEFAULTS
     p = argparse.ArgumentParser(
         prog="weighbridge-controller",
         description="Watch annotated Kubernetes Services and publish their weighted backend "
@@ -45,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", default=None, help="kubeconfig context (default: current)")
     p.add_argument(
         "--source",
-        choices=("endpointslices", "endpoints"),
-        default="endpointslices",
+        choices=get_args(Source),
+        default=d.source,
         help="where endpoints come from: discovery.k8s.io/v1 EndpointSlices "
-        "(default) or the deprecated v1 Endpoints",
+        "or the deprecated v1 Endpoints (default: %(default)s)",
     )
     p.add_argument(
         "--id",
@@ -58,29 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lease-ttl",
         type=int,
-        default=10,
+        default=d.lease_ttl,
         help="leader lease TTL, seconds: failover time after a leader dies (default: %(default)s)",
     )
     p.add_argument(
         "--resync",
         type=float,
-        default=300.0,
+        default=d.resync_interval,
         help="seconds between full resyncs that also remove stale keys (default: %(default)s)",
     )
     p.add_argument(
         "--workers",
         type=int,
-        default=4,
+        default=d.workers,
         help="Services reconciled concurrently; never two for one Service (default: %(default)s)",
     )
     p.add_argument(
         "--admin-listen",
-        default="0.0.0.0:9401",
+        default=d.admin_listen,
         help="gRPC health and reflection (default: %(default)s)",
     )
     p.add_argument(
         "--metrics-listen",
-        default="0.0.0.0:9402",
+        default=d.metrics_listen,
         help="Prometheus metrics over HTTP at /metrics (default: %(default)s)",
     )
     add_etcd_arguments(p)
@@ -88,10 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def run(args: argparse.Namespace) -> None:
+def settings_of(args: argparse.Namespace) -> ControllerSettings:
+    """The settings the parsed flags ask for; ValueError names a value out of range."""
+    return ControllerSettings(
+        source=args.source,
+        lease_ttl=args.lease_ttl,
+        resync_interval=args.resync,
+        workers=args.workers,
+        admin_listen=args.admin_listen,
+        metrics_listen=args.metrics_listen,
+    )
+
+
+async def run(args: argparse.Namespace, settings: ControllerSettings) -> None:
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(registry)
-    host, port = split_hostport(args.metrics_listen)
+    host, port = split_hostport(settings.metrics_listen)
     metrics_server, metrics_thread = start_http_server(port, addr=host, registry=registry)
 
     health_servicer = health_aio.HealthServicer()
@@ -101,7 +117,7 @@ async def run(args: argparse.Namespace) -> None:
         (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    server.add_insecure_port(args.admin_listen)
+    server.add_insecure_port(settings.admin_listen)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -113,19 +129,16 @@ async def run(args: argparse.Namespace) -> None:
         scheme=KeyScheme(args.prefix),
         identity=args.id,
         metrics=metrics,
-        source=args.source,
-        lease_ttl=args.lease_ttl,
-        resync_interval=args.resync,
-        workers=args.workers,
+        settings=settings,
     )
     structlog.contextvars.bind_contextvars(component="controller", identity=args.id)
     log.info(
         "starting",
         etcd=args.etcd,
         prefix=args.prefix,
-        source=args.source,
-        admin=args.admin_listen,
-        metrics=args.metrics_listen,
+        source=settings.source,
+        admin=settings.admin_listen,
+        metrics=settings.metrics_listen,
     )
 
     stop = asyncio.Event()
@@ -158,10 +171,15 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_of(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     configure(level=args.log_level, fmt=args.log_format)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(args))
+        asyncio.run(run(args, settings))
     sys.exit(0)
 
 

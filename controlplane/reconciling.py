@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
-from typing import Literal
 
 import aetcd
 import structlog
@@ -30,6 +29,7 @@ from controlplane.metrics import Metrics
 from controlplane.publishing import Publisher
 from controlplane.queueing import WorkQueue
 from controlplane.reporting import EventRecorder
+from controlplane.settings import DEFAULTS, ControllerSettings
 from controlplane.watching import ENDPOINT_SLICES, ENDPOINTS, PODS, SERVICES, Informer
 from weighbridge.errors import EtcdUnavailableError
 from weighbridge.etcd import list_sets
@@ -38,7 +38,6 @@ from weighbridge.model import BackendSet, encode
 
 log = structlog.get_logger(__name__)
 
-Source = Literal["endpointslices", "endpoints"]
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
@@ -53,21 +52,16 @@ class Controller:
         scheme: KeyScheme,
         identity: str,
         metrics: Metrics,
-        source: Source = "endpointslices",
-        lease_ttl: int = 10,
-        resync_interval: float = 300.0,
-        workers: int = 4,
+        settings: ControllerSettings = DEFAULTS,
     ) -> None:
         self.kube = kube
         self.etcd = etcd
         self.scheme = scheme
         self.identity = identity
         self.metrics = metrics
-        self.source = source
-        self.resync_interval = resync_interval
-        self.workers = workers
+        self.settings = settings
         self.events = EventRecorder(kube, identity)
-        self.leadership = Leadership(etcd, scheme, identity, ttl=lease_ttl)
+        self.leadership = Leadership(etcd, scheme, identity, ttl=settings.lease_ttl)
         self.log = log.bind(identity=identity)
 
         on_error = self.metrics.watch_restarts.labels
@@ -77,7 +71,7 @@ class Controller:
         self.pods = Informer(kube, PODS, self._on_pod, on_error=lambda k: on_error(k).inc())
         self.endpoints = (
             Informer(kube, ENDPOINT_SLICES, self._on_slice, on_error=lambda k: on_error(k).inc())
-            if source == "endpointslices"
+            if settings.source == "endpointslices"
             else Informer(kube, ENDPOINTS, self._on_endpoints, on_error=lambda k: on_error(k).inc())
         )
         self.informers = (self.services, self.endpoints, self.pods)
@@ -113,7 +107,8 @@ class Controller:
         self._publisher = Publisher(self.etcd, self.scheme, term)
         self.metrics.leader.set(1)
         self._term_tasks = [
-            asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.workers)
+            asyncio.create_task(self._worker(), name=f"worker-{i}")
+            for i in range(self.settings.workers)
         ]
         self._term_tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
 
@@ -131,7 +126,7 @@ class Controller:
         self._queued_at.clear()
 
     async def _resync_loop(self) -> None:
-        """Full resync at the start of each term and every ``resync_interval`` after."""
+        """Full resync at the start of each term and every ``settings.resync_interval`` after."""
         while True:
             try:
                 await self.resync()
@@ -140,7 +135,7 @@ class Controller:
                 self.log.warning("resync_failed", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
-            await asyncio.sleep(self.resync_interval)
+            await asyncio.sleep(self.settings.resync_interval)
 
     async def resync(self) -> None:
         """Re-read etcd and queue every Service we manage or find there (stale keys go)."""
@@ -303,7 +298,7 @@ class Controller:
     def _build(self, key: ServiceKey, namespace: str, service: Obj) -> BackendSet:
         spec = ann.parse_service(service["metadata"].get("annotations") or {})
         port_name, _ = select_port(service, spec.port)
-        if self.source == "endpointslices":
+        if self.settings.source == "endpointslices":
             slices = [
                 self.endpoints.store[s]
                 for s in self._slices_of.get(key, ())

@@ -298,10 +298,12 @@ def start_controller(
     *,
     prefix: str = "/weighbridge/v1/",
     identity: str = "controller",
-    lease_ttl: int = 10,
+    lease_ttl: int | None = None,
     log_level: str = "info",
 ) -> subprocess.Popen[bytes]:
-    """A weighbridge-controller process on ephemeral admin/metrics ports, JSON logs to ``log``."""
+    """A weighbridge-controller process on ephemeral admin/metrics ports, JSON logs to ``log``;
+    ``lease_ttl`` None: the controller's default."""
+    tuning = [] if lease_ttl is None else ["--lease-ttl", str(lease_ttl)]
     with log.open("wb") as out:
         return subprocess.Popen(
             [
@@ -316,8 +318,7 @@ def start_controller(
                 prefix,
                 "--id",
                 identity,
-                "--lease-ttl",
-                str(lease_ttl),
+                *tuning,
                 "--admin-listen",
                 "127.0.0.1:0",
                 "--metrics-listen",

@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from controlplane.kube import Kube, KubeError
+from controlplane.main import build_parser as controller_parser
+from dataplane.main import build_parser as proxy_parser
 from devtools import testenv
 from tests.integration import kubeobjects as ko
 from tests.integration.conftest import Cluster, eventually, running_controller, stored_set
@@ -32,7 +34,7 @@ VARIANTS: dict[str, list[str]] = {
         "etcd.mode=external",
         "etcd.external.endpoints={etcd-a.db.svc:2379,etcd-b.db.svc:2379}",
     ],
-    "daemonset": ["proxy.kind=DaemonSet", "proxy.engine=python"],
+    "daemonset": ["proxy.kind=DaemonSet"],
     "servicemonitor-endpoints-source": [
         "serviceMonitor.enabled=true",
         "controller.source=endpoints",
@@ -52,13 +54,33 @@ def run_helm(
     return subprocess.run([str(helm), *args, *extra], capture_output=True, text=True, timeout=120)
 
 
-def render(helm: Path, namespace: str, sets: list[str]) -> list[dict[str, Any]]:
+def render(
+    helm: Path, namespace: str, sets: list[str], values: Path | None = None
+) -> list[dict[str, Any]]:
     args = ["template", "wb", CHART, "--namespace", namespace]
     for s in sets:
         args += ["--set", s]
+    if values is not None:
+        args += ["--values", str(values)]
     out = run_helm(helm, *args)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def args_of(docs: list[dict[str, Any]], component: str) -> list[str]:
+    """The command-line arguments of the controller's or the proxy's container."""
+    (workload,) = (
+        d
+        for d in docs
+        if d["kind"] in ("Deployment", "DaemonSet")
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    )
+    args: list[str] = workload["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args
+
+
+def flag_names(args: list[str]) -> set[str]:
+    return {a.partition("=")[0] for a in args}
 
 
 SERVICEMONITOR_CRD = {
@@ -176,13 +198,6 @@ async def test_chart_lints_renders_and_every_manifest_validates(
             "--etcd=etcd-a.db.svc:2379,etcd-b.db.svc:2379"
             in controller["spec"]["template"]["spec"]["containers"][0]["args"]
         )
-    proxy = next(
-        d
-        for d in docs
-        if d["metadata"]["name"].endswith("proxy") and "spec" in d and "template" in d["spec"]
-    )
-    engine = "python" if variant == "daemonset" else "native"
-    assert f"--engine={engine}" in proxy["spec"]["template"]["spec"]["containers"][0]["args"]
     if variant == "daemonset":
         assert "DaemonSet" in kinds
     for d in docs:  # hardened pods everywhere
@@ -197,6 +212,56 @@ async def test_chart_lints_renders_and_every_manifest_validates(
                 assert "resources" in c
 
 
+def test_default_values_leave_every_tunable_to_the_binaries(helm: Path) -> None:
+    """Only what the chart wires or needs itself (etcd, the source its RBAC grants, ports its
+    Services and probes use, JSON logs, the grace its termination period outlasts) is passed;
+    every tunable keeps the binary's own default."""
+    docs = render(helm, "default", [])
+    assert flag_names(args_of(docs, "controller")) == {
+        "--etcd",
+        "--prefix",
+        "--source",
+        "--admin-listen",
+        "--metrics-listen",
+        "--log-format",
+    }
+    assert flag_names(args_of(docs, "proxy")) == {
+        "--etcd",
+        "--prefix",
+        "--listen",
+        "--admin-listen",
+        "--metrics-listen",
+        "--grace",
+        "--log-format",
+    }
+
+
+def test_set_values_become_flags_the_binaries_accept(helm: Path, tmp_path: Path) -> None:
+    sets = ["proxy.threads=3", "proxy.maxConnectionAgeSeconds=300", "controller.workers=8"]
+    docs = render(helm, "default", sets)
+    controller, proxy = args_of(docs, "controller"), args_of(docs, "proxy")
+    assert "--workers=8" in controller
+    assert {"--threads=3", "--max-connection-age=300"} <= set(proxy)
+    assert controller_parser().parse_args(controller).workers == 8
+    parsed = proxy_parser().parse_args(proxy)
+    assert (parsed.threads, parsed.max_connection_age) == (3, 300)
+
+    # From a values file numbers arrive as floats; 0 is a value (never), not "unset".
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "controller: {leaseTTL: 15, resyncSeconds: 600, logLevel: debug}\n"
+        "proxy: {maxMessageBytes: 33554432, maxConnectionAgeSeconds: 0, logLevel: debug}\n"
+    )
+    docs = render(helm, "default", [], values)
+    controller, proxy = args_of(docs, "controller"), args_of(docs, "proxy")
+    assert {"--lease-ttl=15", "--resync=600", "--log-level=debug"} <= set(controller)
+    assert {"--max-message-bytes=33554432", "--max-connection-age=0", "--log-level=debug"} <= set(
+        proxy
+    )
+    controller_parser().parse_args(controller)
+    proxy_parser().parse_args(proxy)
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
@@ -204,7 +269,10 @@ async def test_chart_lints_renders_and_every_manifest_validates(
         (["etcd.mode=external"], "minItems: got 0, want 1"),
         (["proxy.kind=StatefulSet"], "value must be one of 'Deployment', 'DaemonSet'"),
         (["etcd.bundled.replicas=2"], "value must be one of 1, 3"),
-        (["proxy.engine=rust"], "value must be one of 'native', 'python'"),
+        (["proxy.engine=native"], "additional properties 'engine' not allowed"),
+        (["proxy.workers=2"], "additional properties 'workers' not allowed"),
+        (["proxy.threads=0"], "at '/proxy/threads': minimum: got 0, want 1"),
+        (["controller.workers=0"], "at '/controller/workers': minimum: got 0, want 1"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(helm: Path, sets: list[str], message: str) -> None:
