@@ -128,7 +128,7 @@ mod tests {
         for len in [3u32, 0, 10, 7] {
             stream.push(0);
             stream.extend_from_slice(&len.to_be_bytes());
-            stream.extend(std::iter::repeat(b'x').take(len as usize));
+            stream.extend(std::iter::repeat_n(b'x', len as usize));
         }
         for cut in 0..stream.len() {
             let mut m = Meter::new(10);

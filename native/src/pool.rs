@@ -1,13 +1,16 @@
 //! Backends: per engine thread, one HTTP/2 connection per endpoint, shared by that thread's
-//! calls to it.
+//! calls to it, and another (up to `MAX_CONNECTIONS` per thread) while every connection has as
+//! many streams open as the backend allows (its SETTINGS_MAX_CONCURRENT_STREAMS): a backend
+//! that limits streams per connection (Go's net/http2: 250, nginx: 128) then takes more calls
+//! at once instead of the proxy queueing them (docs/performance.md measures both).
 //!
 //! A backend's health (its last error and connect backoff) is one per endpoint; its connections
-//! are one per thread, so a call and its backend stream run on the same thread. An endpoint that
+//! are per thread, so a call and its backend stream run on the same thread. An endpoint that
 //! leaves every backend set is drained: the pool forgets it, calls that picked it finish on its
 //! connections, and they close when the last of them lets go.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,8 @@ use crate::proxy::{CONNECTION_WINDOW, STREAM_WINDOW};
 use crate::workers;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections to one endpoint per engine thread, at most: beyond, calls wait for a stream.
+pub const MAX_CONNECTIONS: usize = 8;
 const BACKOFF: [Duration; 5] = [
     Duration::from_millis(100),
     Duration::from_millis(200),
@@ -35,17 +40,73 @@ struct Health {
     failed_at: Option<Instant>,
 }
 
-/// One thread's connection to the endpoint.
+/// One connection and the streams open on it.
+struct Conn {
+    id: u64,
+    sender: SendRequest<Bytes>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Conn {
+    fn has_room(&self) -> bool {
+        self.streams.load(Relaxed) < self.sender.current_max_send_streams()
+    }
+
+    fn lease(&self) -> Lease {
+        self.streams.fetch_add(1, Relaxed);
+        Lease {
+            sender: self.sender.clone(),
+            stream: Stream(Arc::clone(&self.streams)),
+        }
+    }
+}
+
+/// Counts a stream open on a connection for as long as the call holds it.
+pub struct Stream(Arc<AtomicUsize>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A connection to send one call's stream on.
+pub struct Lease {
+    sender: SendRequest<Bytes>,
+    stream: Stream,
+}
+
+impl Lease {
+    /// The connection's handle, and the stream's count to hold until the call is done.
+    pub fn into_parts(self) -> (SendRequest<Bytes>, Stream) {
+        (self.sender, self.stream)
+    }
+}
+
+/// One thread's connections to the endpoint.
 #[derive(Default)]
 struct Slot {
-    sender: Mutex<Option<SendRequest<Bytes>>>,
+    conns: Mutex<Vec<Conn>>,
     /// One connection attempt at a time per thread.
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl Slot {
-    fn sender(&self) -> std::sync::MutexGuard<'_, Option<SendRequest<Bytes>>> {
-        self.sender.lock().unwrap_or_else(|e| e.into_inner())
+    fn conns(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection with a free stream, if one has.
+    fn with_room(&self) -> Option<Lease> {
+        self.conns().iter().find(|c| c.has_room()).map(Conn::lease)
+    }
+
+    /// The connection with the fewest streams, if any (its next call waits for a stream).
+    fn least_loaded(&self) -> Option<Lease> {
+        self.conns()
+            .iter()
+            .min_by_key(|c| c.streams.load(Relaxed))
+            .map(Conn::lease)
     }
 }
 
@@ -54,6 +115,7 @@ pub struct Backend {
     health: Mutex<Health>,
     slots: Box<[Slot]>,
     drained: AtomicBool,
+    next_id: AtomicU64,
 }
 
 impl Backend {
@@ -63,6 +125,7 @@ impl Backend {
             health: Mutex::new(Health::default()),
             slots: (0..threads).map(|_| Slot::default()).collect(),
             drained: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
         }
     }
 
@@ -72,54 +135,65 @@ impl Backend {
 
     /// Whether any engine thread holds a connection to it.
     pub fn connected(&self) -> bool {
-        self.slots.iter().any(|s| s.sender().is_some())
+        self.slots.iter().any(|s| !s.conns().is_empty())
     }
 
     pub fn last_error(&self) -> String {
         self.health().last_error.clone()
     }
 
-    /// This thread's handle on the backend, connecting first if it has none. While the backend
-    /// is backing off after failed connects, fails at once with the last error.
-    pub async fn sender(self: &Arc<Self>) -> Result<SendRequest<Bytes>, String> {
+    /// A connection of this thread's with a free stream, connecting first when it has none
+    /// (or when all are full and fewer than `MAX_CONNECTIONS` are open). While the backend is
+    /// backing off after failed connects, fails at once with the last error, unless a
+    /// connection is open: then the call waits for a stream on the least loaded one.
+    pub async fn sender(self: &Arc<Self>) -> Result<Lease, String> {
         let index = workers::current();
         let slot = &self.slots[index];
-        if let Some(s) = &*slot.sender() {
-            return Ok(s.clone());
+        if let Some(lease) = slot.with_room() {
+            return Ok(lease);
         }
         let _one_at_a_time = slot.connecting.lock().await;
-        if let Some(s) = &*slot.sender() {
-            return Ok(s.clone());
+        if let Some(lease) = slot.with_room() {
+            return Ok(lease);
         }
-        {
+        let full = slot.conns().len() >= MAX_CONNECTIONS;
+        let backing_off = {
             let health = self.health();
-            if let Some(at) = health.failed_at {
+            health.failed_at.and_then(|at| {
                 let wait = BACKOFF[(health.failures - 1).min(BACKOFF.len() - 1)];
-                if at.elapsed() < wait {
-                    return Err(health.last_error.clone());
-                }
-            }
+                (at.elapsed() < wait).then(|| health.last_error.clone())
+            })
+        };
+        if full || backing_off.is_some() {
+            return match (slot.least_loaded(), backing_off) {
+                (Some(lease), _) => Ok(lease),
+                (None, why) => Err(why.unwrap_or_default()),
+            };
         }
         match self.connect(index).await {
-            Ok(sender) => {
-                *slot.sender() = Some(sender.clone());
+            Ok(conn) => {
+                let lease = conn.lease();
+                slot.conns().push(conn);
                 let mut health = self.health();
                 health.failures = 0;
                 health.failed_at = None;
                 health.last_error.clear();
-                Ok(sender)
+                Ok(lease)
             }
             Err(e) => {
-                let mut health = self.health();
-                health.failures += 1;
-                health.failed_at = Some(Instant::now());
-                health.last_error = format!("cannot connect: {e}");
-                Err(health.last_error.clone())
+                let why = {
+                    let mut health = self.health();
+                    health.failures += 1;
+                    health.failed_at = Some(Instant::now());
+                    health.last_error = format!("cannot connect: {e}");
+                    health.last_error.clone()
+                };
+                slot.least_loaded().ok_or(why)
             }
         }
     }
 
-    async fn connect(self: &Arc<Self>, index: usize) -> Result<SendRequest<Bytes>, String> {
+    async fn connect(self: &Arc<Self>, index: usize) -> Result<Conn, String> {
         let tcp =
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.hostport)).await {
                 Ok(Ok(tcp)) => tcp,
@@ -137,11 +211,13 @@ impl Backend {
         // Weak: the connection must not keep its backend alive, or a drained backend's
         // connection would never close (see `drain`). Spawned on this thread's runtime.
         let me = Arc::downgrade(self);
+        let id = self.next_id.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             let result = connection.await;
             if let Some(me) = me.upgrade() {
                 me.lost(
                     index,
+                    id,
                     match result {
                         Ok(()) => "connection closed".to_string(),
                         Err(e) => format!("connection lost: {e}"),
@@ -149,11 +225,15 @@ impl Backend {
                 );
             }
         });
-        Ok(sender)
+        Ok(Conn {
+            id,
+            sender,
+            streams: Arc::new(AtomicUsize::new(0)),
+        })
     }
 
-    fn lost(&self, index: usize, why: String) {
-        *self.slots[index].sender() = None;
+    fn lost(&self, index: usize, id: u64, why: String) {
+        self.slots[index].conns().retain(|c| c.id != id);
         if !self.drained.load(Relaxed) {
             self.health().last_error = why;
         }
@@ -240,5 +320,81 @@ impl Pool {
             b.drain();
         }
         map.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An h2 server on loopback that allows `streams` concurrent streams per connection and
+    /// answers each request with headers, holding the stream open.
+    async fn server(streams: u32) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut conn = h2::server::Builder::new()
+                        .max_concurrent_streams(streams)
+                        .handshake::<_, Bytes>(sock)
+                        .await
+                        .unwrap();
+                    let mut held = Vec::new();
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        let response = http::Response::new(());
+                        held.push(respond.send_response(response, false).unwrap());
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn open_stream(backend: &Arc<Backend>) -> (Stream, h2::RecvStream) {
+        let (sender, stream) = backend.sender().await.unwrap().into_parts();
+        let mut sender = sender.ready().await.unwrap();
+        let (response, _) = sender.send_request(http::Request::new(()), false).unwrap();
+        (stream, response.await.unwrap().into_body())
+    }
+
+    #[test]
+    fn a_full_connection_opens_another_up_to_the_bound() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let backend = Arc::new(Backend::new(server(2).await, 1));
+            let conns = |b: &Backend| b.slots[0].conns().len();
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                held.push(open_stream(&backend).await);
+            }
+            assert_eq!(conns(&backend), 1, "two streams fit the first connection");
+            held.push(open_stream(&backend).await);
+            assert_eq!(conns(&backend), 2, "a third opens a second connection");
+            held.clear();
+            let streams: Vec<usize> = backend.slots[0]
+                .conns()
+                .iter()
+                .map(|c| c.streams.load(Relaxed))
+                .collect();
+            assert_eq!(
+                streams,
+                [0, 0],
+                "streams are counted until the call lets go"
+            );
+            for _ in 0..2 * MAX_CONNECTIONS {
+                held.push(open_stream(&backend).await);
+            }
+            assert_eq!(
+                conns(&backend),
+                MAX_CONNECTIONS,
+                "never more than the bound"
+            );
+            // Every connection full and the bound reached: the call waits on one of them.
+            let _waits = backend.sender().await.unwrap();
+        });
     }
 }

@@ -257,13 +257,19 @@ async fn forward(
             format!("weighbridge: {}: {e}", target.who),
         )
     };
-    let sender = target.backend.sender().await.map_err(|e| {
-        Fail::Local(
-            LocalError::ConnectFailed,
-            grpc::UNAVAILABLE,
-            format!("weighbridge: {}: {e}", target.who),
-        )
-    })?;
+    // `_stream` counts the stream on its connection until this call is done.
+    let (sender, _stream) = target
+        .backend
+        .sender()
+        .await
+        .map_err(|e| {
+            Fail::Local(
+                LocalError::ConnectFailed,
+                grpc::UNAVAILABLE,
+                format!("weighbridge: {}: {e}", target.who),
+            )
+        })?
+        .into_parts();
     let mut sender_ready = pin!(sender.ready());
     // Waiting for a stream slot on the backend: the client may give up meanwhile.
     let ready = poll_fn(|cx| {
