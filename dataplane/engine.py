@@ -146,6 +146,7 @@ class NativeEngine:
             eager=settings.eager_connections,
             latency_bounds_ns=[round(b * 1e9) for b in LATENCY_BOUNDS],
             max_connection_age_s=settings.max_connection_age,
+            max_backend_connections=settings.max_backend_connections,
             seed=seed,
         )
 

@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reconnect and spread over threads and proxies; 0: never (%(default)s)",
     )
     p.add_argument(
+        "--max-backend-connections",
+        type=positive_int,
+        default=d.max_backend_connections,
+        help="connections per backend endpoint and thread; another opens only while all "
+        "have as many calls as the backend allows at once (%(default)s)",
+    )
+    p.add_argument(
         "--max-message-bytes",
         type=positive_int,
         default=d.max_message_bytes,
@@ -99,6 +106,7 @@ def settings_of(args: argparse.Namespace) -> ProxySettings:
         metrics_listen=args.metrics_listen or None,
         threads=args.threads,
         max_connection_age=args.max_connection_age,
+        max_backend_connections=args.max_backend_connections,
         max_message_bytes=args.max_message_bytes,
         grace=args.grace,
         eager_connections=not args.lazy_connect,

@@ -28,6 +28,12 @@ class ProxySettings:
     """Seconds (±10%) after which a client connection gets GOAWAY and the client reconnects,
     spreading long-lived clients over threads and proxies; 0: never, as gRPC servers default
     to, because reconnecting costs a handshake and most clients open enough connections."""
+    max_backend_connections: int = 8
+    """Connections per endpoint and engine thread at most. A second opens only while every
+    connection has as many calls as the backend allows at once (its MAX_CONCURRENT_STREAMS:
+    Go's net/http2 250, nginx 128; grpc-go and grpc-java set none), so a backend that limits
+    streams still takes more calls at once instead of the proxy queueing them
+    (docs/performance.md measures it); 8 bounds what one proxy opens to one pod."""
     max_message_bytes: int = 16 << 20
     """Largest gRPC message either way: 16 MiB holds what real APIs send (gRPC's own default
     of 4 MiB is often raised) while bounding what one call can make the proxy forward."""
@@ -45,6 +51,10 @@ class ProxySettings:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
         if not (self.max_connection_age >= 0 and math.isfinite(self.max_connection_age)):
             raise ValueError(f"max connection age must be ≥ 0 s, not {self.max_connection_age}")
+        if self.max_backend_connections < 1:
+            raise ValueError(
+                f"max backend connections must be ≥ 1, not {self.max_backend_connections}"
+            )
         if self.max_message_bytes < 1:
             raise ValueError(f"max message bytes must be ≥ 1, not {self.max_message_bytes}")
 

@@ -15,6 +15,7 @@ class Engine:
         eager: bool,
         latency_bounds_ns: list[int],
         max_connection_age_s: float = 0.0,
+        max_backend_connections: int = 8,
         seed: int | None = None,
     ) -> None: ...
     @property

@@ -72,7 +72,7 @@ impl Engine {
     #[new]
     #[pyo3(signature = (
         fd, *, threads, max_message_bytes, eager, latency_bounds_ns, max_connection_age_s=0.0,
-        seed=None
+        max_backend_connections=8, seed=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -82,10 +82,16 @@ impl Engine {
         eager: bool,
         latency_bounds_ns: Vec<u64>,
         max_connection_age_s: f64,
+        max_backend_connections: usize,
         seed: Option<u64>,
     ) -> PyResult<Self> {
         if threads == 0 {
             return Err(PyValueError::new_err("threads must be at least 1"));
+        }
+        if max_backend_connections == 0 {
+            return Err(PyValueError::new_err(
+                "max_backend_connections must be at least 1",
+            ));
         }
         if !(max_connection_age_s.is_finite() && max_connection_age_s >= 0.0) {
             return Err(PyValueError::new_err(
@@ -110,7 +116,11 @@ impl Engine {
         }
         let shared = Arc::new(Shared {
             table: RwLock::new(Table::default()),
-            pool: Pool::new(eager, runtimes.iter().map(|r| r.handle().clone()).collect()),
+            pool: Pool::new(
+                eager,
+                max_backend_connections,
+                runtimes.iter().map(|r| r.handle().clone()).collect(),
+            ),
             stats: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             workers: (0..threads).map(|_| WorkerCounters::default()).collect(),

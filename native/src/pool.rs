@@ -1,5 +1,5 @@
 //! Backends: per engine thread, one HTTP/2 connection per endpoint, shared by that thread's
-//! calls to it, and another (up to `MAX_CONNECTIONS` per thread) while every connection has as
+//! calls to it, and another (up to `max_connections` per thread) while every connection has as
 //! many streams open as the backend allows (its SETTINGS_MAX_CONCURRENT_STREAMS): a backend
 //! that limits streams per connection (Go's net/http2: 250, nginx: 128) then takes more calls
 //! at once instead of the proxy queueing them (docs/performance.md measures both).
@@ -23,8 +23,6 @@ use crate::proxy::{CONNECTION_WINDOW, STREAM_WINDOW};
 use crate::workers;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Connections to one endpoint per engine thread, at most: beyond, calls wait for a stream.
-pub const MAX_CONNECTIONS: usize = 8;
 const BACKOFF: [Duration; 5] = [
     Duration::from_millis(100),
     Duration::from_millis(200),
@@ -114,16 +112,19 @@ pub struct Backend {
     pub hostport: String,
     health: Mutex<Health>,
     slots: Box<[Slot]>,
+    /// Connections per thread at most: beyond, calls wait for a stream.
+    max_connections: usize,
     drained: AtomicBool,
     next_id: AtomicU64,
 }
 
 impl Backend {
-    fn new(hostport: String, threads: usize) -> Self {
+    fn new(hostport: String, threads: usize, max_connections: usize) -> Self {
         Backend {
             hostport,
             health: Mutex::new(Health::default()),
             slots: (0..threads).map(|_| Slot::default()).collect(),
+            max_connections,
             drained: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
         }
@@ -143,7 +144,7 @@ impl Backend {
     }
 
     /// A connection of this thread's with a free stream, connecting first when it has none
-    /// (or when all are full and fewer than `MAX_CONNECTIONS` are open). While the backend is
+    /// (or when all are full and fewer than `max_connections` are open). While the backend is
     /// backing off after failed connects, fails at once with the last error, unless a
     /// connection is open: then the call waits for a stream on the least loaded one.
     pub async fn sender(self: &Arc<Self>) -> Result<Lease, String> {
@@ -156,7 +157,7 @@ impl Backend {
         if let Some(lease) = slot.with_room() {
             return Ok(lease);
         }
-        let full = slot.conns().len() >= MAX_CONNECTIONS;
+        let full = slot.conns().len() >= self.max_connections;
         let backing_off = {
             let health = self.health();
             health.failed_at.and_then(|at| {
@@ -260,15 +261,18 @@ fn io_message(e: &std::io::Error) -> String {
 pub struct Pool {
     backends: Mutex<HashMap<String, (Arc<Backend>, usize)>>,
     eager: bool,
+    max_connections: usize,
     /// Each engine thread's runtime, in thread order (eager connections are opened on each).
     runtimes: Vec<Handle>,
 }
 
 impl Pool {
-    pub fn new(eager: bool, runtimes: Vec<Handle>) -> Self {
+    /// `max_connections` (≥ 1): per endpoint and thread.
+    pub fn new(eager: bool, max_connections: usize, runtimes: Vec<Handle>) -> Self {
         Pool {
             backends: Mutex::new(HashMap::new()),
             eager,
+            max_connections,
             runtimes,
         }
     }
@@ -283,7 +287,11 @@ impl Pool {
             *refs += 1;
             return Arc::clone(backend);
         }
-        let backend = Arc::new(Backend::new(hostport.to_string(), self.runtimes.len()));
+        let backend = Arc::new(Backend::new(
+            hostport.to_string(),
+            self.runtimes.len(),
+            self.max_connections,
+        ));
         map.insert(hostport.to_string(), (Arc::clone(&backend), 1));
         if self.eager {
             for runtime in &self.runtimes {
@@ -365,7 +373,8 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let backend = Arc::new(Backend::new(server(2).await, 1));
+            const MAX: usize = 4;
+            let backend = Arc::new(Backend::new(server(2).await, 1, MAX));
             let conns = |b: &Backend| b.slots[0].conns().len();
             let mut held = Vec::new();
             for _ in 0..2 {
@@ -385,14 +394,10 @@ mod tests {
                 [0, 0],
                 "streams are counted until the call lets go"
             );
-            for _ in 0..2 * MAX_CONNECTIONS {
+            for _ in 0..2 * MAX {
                 held.push(open_stream(&backend).await);
             }
-            assert_eq!(
-                conns(&backend),
-                MAX_CONNECTIONS,
-                "never more than the bound"
-            );
+            assert_eq!(conns(&backend), MAX, "never more than the bound");
             // Every connection full and the bound reached: the call waits on one of them.
             let _waits = backend.sender().await.unwrap();
         });

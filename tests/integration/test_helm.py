@@ -237,14 +237,23 @@ def test_default_values_leave_every_tunable_to_the_binaries(helm: Path) -> None:
 
 
 def test_set_values_become_flags_the_binaries_accept(helm: Path, tmp_path: Path) -> None:
-    sets = ["proxy.threads=3", "proxy.maxConnectionAgeSeconds=300", "controller.workers=8"]
+    sets = [
+        "proxy.threads=3",
+        "proxy.maxConnectionAgeSeconds=300",
+        "proxy.maxBackendConnections=2",
+        "controller.workers=8",
+    ]
     docs = render(helm, "default", sets)
     controller, proxy = args_of(docs, "controller"), args_of(docs, "proxy")
     assert "--workers=8" in controller
-    assert {"--threads=3", "--max-connection-age=300"} <= set(proxy)
+    assert {"--threads=3", "--max-connection-age=300", "--max-backend-connections=2"} <= set(proxy)
     assert controller_parser().parse_args(controller).workers == 8
     parsed = proxy_parser().parse_args(proxy)
-    assert (parsed.threads, parsed.max_connection_age) == (3, 300)
+    assert (parsed.threads, parsed.max_connection_age, parsed.max_backend_connections) == (
+        3,
+        300,
+        2,
+    )
 
     # From a values file numbers arrive as floats; 0 is a value (never), not "unset".
     values = tmp_path / "values.yaml"
@@ -273,6 +282,10 @@ def test_set_values_become_flags_the_binaries_accept(helm: Path, tmp_path: Path)
         (["proxy.workers=2"], "additional properties 'workers' not allowed"),
         (["proxy.threads=0"], "at '/proxy/threads': minimum: got 0, want 1"),
         (["controller.workers=0"], "at '/controller/workers': minimum: got 0, want 1"),
+        (
+            ["proxy.maxBackendConnections=0"],
+            "at '/proxy/maxBackendConnections': minimum: got 0, want 1",
+        ),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(helm: Path, sets: list[str], message: str) -> None:

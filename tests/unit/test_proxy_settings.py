@@ -29,7 +29,13 @@ def test_flags_become_settings() -> None:
 
 
 @pytest.mark.parametrize(
-    "kw", [{"threads": 0}, {"max_connection_age": -1.0}, {"max_message_bytes": 0}]
+    "kw",
+    [
+        {"threads": 0},
+        {"max_connection_age": -1.0},
+        {"max_backend_connections": 0},
+        {"max_message_bytes": 0},
+    ],
 )
 def test_bad_settings_are_refused(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="must be"):
