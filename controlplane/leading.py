@@ -42,7 +42,7 @@ class Leadership:
         scheme: KeyScheme,
         identity: str,
         *,
-        ttl: int = 10,
+        ttl: int,
         retry_interval: float = 1.0,
     ) -> None:
         self.etcd = etcd

@@ -14,8 +14,8 @@ class Engine:
         max_message_bytes: int,
         eager: bool,
         latency_bounds_ns: list[int],
-        max_connection_age_s: float = 0.0,
-        max_backend_connections: int = 8,
+        max_connection_age_s: float,
+        max_backend_connections: int,
         seed: int | None = None,
     ) -> None: ...
     @property

@@ -68,11 +68,11 @@ pub struct Engine {
 #[pymethods]
 impl Engine {
     /// Serves the listening socket `fd` (duplicated; the caller keeps its own) on `threads`
-    /// threads.
+    /// threads. Every setting is required: their defaults live in Python's ProxySettings.
     #[new]
     #[pyo3(signature = (
-        fd, *, threads, max_message_bytes, eager, latency_bounds_ns, max_connection_age_s=0.0,
-        max_backend_connections=8, seed=None
+        fd, *, threads, max_message_bytes, eager, latency_bounds_ns, max_connection_age_s,
+        max_backend_connections, seed=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(

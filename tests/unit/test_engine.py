@@ -106,9 +106,19 @@ def test_bad_engine_settings_are_refused() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
-        common = {"max_message_bytes": 1, "eager": False, "latency_bounds_ns": [1]}
+        common = {
+            "max_message_bytes": 1,
+            "eager": False,
+            "latency_bounds_ns": [1],
+            "max_backend_connections": 1,
+        }
         with pytest.raises(ValueError, match="threads must be at least 1"):
-            weighbridge_native.Engine(sock.fileno(), threads=0, **common)  # type: ignore[arg-type]
+            weighbridge_native.Engine(
+                sock.fileno(),
+                threads=0,
+                max_connection_age_s=0.0,
+                **common,  # type: ignore[arg-type]
+            )
         with pytest.raises(ValueError, match="max_connection_age_s"):
             weighbridge_native.Engine(
                 sock.fileno(),
