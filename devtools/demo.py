@@ -44,6 +44,24 @@ BACKENDS = {"shop-v1-a": "v1", "shop-v1-b": "v1", "shop-v2-a": "v2"}
 BOLD, DIM, RESET, CLEAR = "\033[1m", "\033[2m", "\033[0m", "\033[J"
 
 
+async def listening(port: int, proc: asyncio.subprocess.Process, name: str) -> None:
+    """Wait (at most 30 s) until backend ``name`` accepts connections on loopback ``port``, so
+    the proxies' first connections find it up."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.returncode is not None:
+            raise RuntimeError(f"backend {name} exited with {proc.returncode}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise TimeoutError(f"backend {name} not listening on 127.0.0.1:{port} after 30 s")
+
+
 @dataclass(frozen=True)
 class Phase:
     title: str
@@ -121,6 +139,7 @@ class Demo:
                             )
                         )
                         self.hosts[name] = ("127.0.0.1", port)
+                        await listening(port, procs[-1], name)
                 if kube is not None:
                     await self.create_kubernetes_objects(kube)
                 procs_sync = self.start_components(etcd_server, apiserver)
