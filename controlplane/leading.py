@@ -89,6 +89,9 @@ class Leadership:
                 finally:
                     self.term = None
                     await on_deposed(term)
+                # Deposed (lease lost or unconfirmable): leave the next term to a follower that
+                # is campaigning already, rather than racing it with a fresh lease at once.
+                await asyncio.sleep(self.retry_interval)
         finally:
             await self._resign(lease_id)
 
