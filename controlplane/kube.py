@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -137,12 +137,18 @@ class Kube:
                     status=resp.status,
                     reason=str(doc.get("reason", "")),
                 )
-            yield _events(resp.response, path)
+            events = _events(resp.response, path)
+            try:
+                yield events
+            finally:
+                await events.aclose()
         finally:
-            resp.response.release()
+            # A watch's body never ends, so its connection is never reusable: close it now,
+            # not whenever the garbage collector finds it (after the session may be closed).
+            resp.response.close()
 
 
-async def _events(response: aiohttp.ClientResponse, path: str) -> AsyncIterator[Obj]:
+async def _events(response: aiohttp.ClientResponse, path: str) -> AsyncGenerator[Obj, None]:
     buffer = b""
     try:
         async for chunk in response.content.iter_any():
