@@ -1,23 +1,32 @@
 """Weighbridge against the proxies people would otherwise use, and against no proxy at all.
 
 One run measures, on the same two grpc-go echo backends (bench/go/echo) with round robin and
-the same load generator (bench/go/loadgen, grpc-go, raw bytes, 64-byte unary calls):
+the same load generator (bench/go/loadgen, grpc-go, raw bytes, 64-byte unary calls, 8 client
+connections to every proxy):
 
     direct          the load generator calls both backends itself (the limit)
-    weighbridge-1   weighbridge-proxy --workers 1 (the Rust data path, the default)
-    weighbridge-N   weighbridge-proxy --workers <cores>
-    weighbridge-python-1   weighbridge-proxy --engine python (the pure-Python data path, for
-                    the before/after of moving the data path to Rust)
-    nginx           nginx grpc_pass (Debian package)
-    haproxy         HAProxy, proto h2 (Debian package)
+    weighbridge-1t  weighbridge-proxy --threads 1
+    weighbridge-2t  weighbridge-proxy --threads 2
+    before-1        with --baseline REV only: REV's weighbridge-proxy, started with
+                    --workers 1 --engine native (the flags of the single-threaded engine that
+                    issue 9 replaced), for "not worse than before" in the same run
+    nginx           nginx grpc_pass (Debian package), a worker per core
+    haproxy         HAProxy, proto h2 (Debian package), a thread per core
 
 Rounds are interleaved (every target once per round) and each figure is the median over
 rounds: CPU µs per request of the proxy's processes (/proc utime+stime over the throughput
 run), throughput at fixed concurrency, latency p50/p99 at a fixed rate (half of HAProxy's
-throughput), RSS of the proxy's processes before and after. Everything runs on loopback and
-stops by itself.
+throughput) and at 1k req/s, RSS of the proxy's processes before and after. During each
+throughput run it also reads who uses the cores: the proxy (and each Weighbridge engine
+thread), the load generator, the backends, everything else on the machine, idle.
 
-    bench/run [--quick] [--json PATH] [--markdown PATH] [--png PATH]
+--baseline REV prepares, once, a detached `git worktree` of REV and a virtualenv for it,
+both cached outside the checkout in ~/.cache/weighbridge/baseline/<commit>/ (src/, venv/,
+and target/ for cargo), and adds REV's proxy as target before-1. Everything runs on
+loopback and stops by itself.
+
+    bench/run [--quick | --rounds N --seconds S] [--baseline REV] [--targets A,B,…]
+              [--json PATH] [--markdown PATH] [--png PATH]
 """
 
 from __future__ import annotations
@@ -27,17 +36,21 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.procstat import cpu_seconds, rss_mb, tree
+from bench.procstat import cpu_seconds, machine_cpu_seconds, rss_mb, thread_cpu_seconds, tree
 from devtools import testenv
 from weighbridge import etcd as store
 from weighbridge.keys import KeyScheme
@@ -45,10 +58,22 @@ from weighbridge.model import BackendSet, Endpoint
 
 ROOT = testenv.ROOT
 AUTHORITY = "echo.default"
+PREFIX = "/bench/"
+CONNECTIONS = 8
+"""Client connections to a proxy (direct: half as many to each of the two backends): enough
+for every thread or worker of a proxy to get some, since the kernel hands each accepted
+connection to one of them and a connection stays where it landed."""
+
+OTHERS = frozenset({"direct", "nginx", "haproxy"})
+"""The targets that are not Weighbridge."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("WEIGHBRIDGE_CACHE", Path.home() / ".cache/weighbridge"))
 
 
 def build_go() -> Path:
-    out = Path(os.environ.get("WEIGHBRIDGE_CACHE", Path.home() / ".cache/weighbridge")) / "bench"
+    out = cache_dir() / "bench"
     subprocess.run(
         ["go", "build", "-o", str(out) + "/", "./..."],
         cwd=ROOT / "bench" / "go",
@@ -58,17 +83,89 @@ def build_go() -> Path:
     return out
 
 
+def git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@dataclass(frozen=True)
+class Baseline:
+    commit: str
+    python: Path
+    src: Path
+
+
+def prepare_baseline(rev: str) -> Baseline:
+    """REV checked out (git worktree) with its own venv and engine, cached by commit."""
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    home = cache_dir() / "baseline" / commit[:12]
+    src, venv, stamp = home / "src", home / "venv", home / "ready"
+    python = venv / "bin" / "python"
+    if stamp.exists() and stamp.read_text().strip() == commit:
+        return Baseline(commit, python, src)
+    print(f"bench: preparing baseline {commit[:12]} in {home} (once)", file=sys.stderr)
+    home.mkdir(parents=True, exist_ok=True)
+    if not src.exists():
+        git("worktree", "prune")
+        git("worktree", "add", "--detach", str(src), commit)
+    elif git("rev-parse", "HEAD", cwd=src) != commit:
+        raise SystemExit(f"{src} is not at {commit}; remove it (git worktree remove) and retry")
+    if not python.exists():
+        py = os.environ.get("PYTHON311") or shutil.which("python3.11") or sys.executable
+        subprocess.run([py, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "-e", str(src)], check=True)
+    subprocess.run(
+        [*pip, str(src / "native")],
+        check=True,
+        env={**os.environ, "CARGO_TARGET_DIR": str(home / "target")},
+    )
+    stamp.write_text(commit + "\n")
+    return Baseline(commit, python, src)
+
+
+@dataclass
+class ProxySpec:
+    """A Weighbridge proxy to start: its name, interpreter, flags and where it runs."""
+
+    name: str
+    flags: list[str]
+    python: Path = Path(sys.executable)
+    cwd: Path = ROOT
+    env: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class Target:
     name: str
     port: int | None  # None: direct
     proc: subprocess.Popen[bytes] | None = None
+    metrics_port: int | None = None  # a Weighbridge proxy's /metrics
     runs: list[dict[str, float]] = field(default_factory=list)
+    threads: list[dict[str, float]] = field(default_factory=list)  # per round, per thread
     rss_before: float = 0.0
     rss_after: float = 0.0
 
     def pids(self) -> list[int]:
         return tree(self.proc.pid) if self.proc else []
+
+
+def weighbridge_specs(baseline: Baseline | None) -> list[ProxySpec]:
+    specs = [
+        ProxySpec("weighbridge-1t", ["--threads", "1"]),
+        ProxySpec("weighbridge-2t", ["--threads", "2"]),
+    ]
+    if baseline is not None:
+        specs.append(
+            ProxySpec(
+                "before-1",
+                ["--workers", "1", "--engine", "native"],
+                python=baseline.python,
+                cwd=baseline.src,
+            )
+        )
+    return specs
 
 
 def nginx_config(work: Path, port: int, backends: list[int]) -> Path:
@@ -117,27 +214,38 @@ backend echo
     return conf
 
 
+@dataclass
+class Env:
+    targets: list[Target]
+    backends: list[int]
+    backend_procs: list[subprocess.Popen[bytes]]
+
+
 @contextlib.contextmanager
-def environment(work: Path, bins: Path) -> Iterator[tuple[list[Target], list[int]]]:
+def environment(
+    work: Path, bins: Path, specs: list[ProxySpec], others: AbstractSet[str] = OTHERS
+) -> Iterator[Env]:
+    """etcd, two echo backends, a proxy per spec, and those of direct, nginx, HAProxy named
+    in ``others``."""
     procs: list[subprocess.Popen[bytes]] = []
     etcd = testenv.Etcd(work)
     etcd.start()
     try:
         backends = [testenv.free_port() for _ in range(2)]
-        for i, b in enumerate(backends):
-            procs.append(
-                subprocess.Popen(
-                    [str(bins / "echo"), "-listen", f"127.0.0.1:{b}", "-name", f"b{i}"],
-                    stderr=subprocess.DEVNULL,
-                )
+        backend_procs = [
+            subprocess.Popen(
+                [str(bins / "echo"), "-listen", f"127.0.0.1:{b}", "-name", f"b{i}"],
+                stderr=subprocess.DEVNULL,
             )
-        scheme = KeyScheme("/bench/")
+            for i, b in enumerate(backends)
+        ]
+        procs += backend_procs
 
         async def put() -> None:
             client = store.client(etcd.endpoint)
             await store.put_set(
                 client,
-                scheme,
+                KeyScheme(PREFIX),
                 BackendSet(
                     namespace="default",
                     name="echo",
@@ -148,44 +256,43 @@ def environment(work: Path, bins: Path) -> Iterator[tuple[list[Target], list[int
             await client.close()
 
         asyncio.run(put())
-        targets = [Target("direct", None)]
+        targets = [Target("direct", None)] if "direct" in others else []
         log = (work / "proxies.log").open("wb")
-        for name, workers, engine in (
-            ("weighbridge-1", 1, "native"),
-            (f"weighbridge-{os.cpu_count()}", os.cpu_count() or 2, "native"),
-            ("weighbridge-python-1", 1, "python"),
-        ):
-            port = testenv.free_port()
+        for spec in specs:
+            port, metrics = testenv.free_port(), testenv.free_port()
+            # The spec's directory first, so that a baseline or variant tree imports its own
+            # dataplane package whatever the interpreter's site-packages hold.
+            path = os.pathsep.join(p for p in (spec.env.get("PYTHONPATH"), str(spec.cwd)) if p)
             proc = subprocess.Popen(
                 [
-                    sys.executable,
+                    str(spec.python),
                     "-m",
                     "dataplane.main",
                     "--etcd",
                     etcd.endpoint,
                     "--prefix",
-                    scheme.prefix,
+                    PREFIX,
                     "--listen",
                     f"127.0.0.1:{port}",
                     "--admin-listen",
                     "127.0.0.1:0",
                     "--metrics-listen",
-                    "127.0.0.1:0",
-                    "--workers",
-                    str(workers),
-                    "--engine",
-                    engine,
+                    f"127.0.0.1:{metrics}",
+                    "--id",
+                    spec.name,
                     "--log-level",
                     "warning",
                     "--log-format",
                     "json",
+                    *spec.flags,
                 ],
                 stdout=log,
                 stderr=log,
-                cwd=ROOT,
+                cwd=spec.cwd,
+                env={**os.environ, **spec.env, "PYTHONPATH": path},
             )
-            targets.append(Target(name, port, proc))
-        if shutil.which("nginx"):
+            targets.append(Target(spec.name, port, proc, metrics_port=metrics))
+        if "nginx" in others and shutil.which("nginx"):
             port = testenv.free_port()
             conf = nginx_config(work, port, backends)
             targets.append(
@@ -197,7 +304,7 @@ def environment(work: Path, bins: Path) -> Iterator[tuple[list[Target], list[int
                     ),
                 )
             )
-        if shutil.which("haproxy"):
+        if "haproxy" in others and shutil.which("haproxy"):
             port = testenv.free_port()
             conf = haproxy_config(work, port, backends)
             targets.append(
@@ -209,7 +316,10 @@ def environment(work: Path, bins: Path) -> Iterator[tuple[list[Target], list[int
             )
         procs += [t.proc for t in targets if t.proc]
         time.sleep(3)
-        yield targets, backends
+        for t in targets:
+            if t.proc is not None and t.proc.poll() is not None:
+                raise RuntimeError(f"{t.name} exited at start; see {work / 'proxies.log'}")
+        yield Env(targets, backends, backend_procs)
     finally:
         for p in procs:
             p.terminate()
@@ -218,17 +328,24 @@ def environment(work: Path, bins: Path) -> Iterator[tuple[list[Target], list[int
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait(timeout=15)
         etcd.stop()
 
 
 def loadgen(
-    bins: Path, target: Target, backends: list[int], seconds: float, **mode: float
+    bins: Path,
+    target: Target,
+    backends: list[int],
+    seconds: float,
+    connections: int = CONNECTIONS,
+    **mode: float,
 ) -> dict[str, float]:
-    targets = (
-        ",".join(f"127.0.0.1:{b}" for b in backends)
-        if target.port is None
-        else f"127.0.0.1:{target.port}"
-    )
+    """One loadgen run; adds ``cpu_s``, the load generator's own CPU seconds."""
+    if target.port is None:
+        targets = ",".join(f"127.0.0.1:{b}" for b in backends)
+        per_target = max(connections // len(backends), 1)
+    else:
+        targets, per_target = f"127.0.0.1:{target.port}", connections
     args = [
         str(bins / "loadgen"),
         "-targets",
@@ -237,42 +354,137 @@ def loadgen(
         AUTHORITY,
         "-duration",
         f"{seconds}s",
-        # Several connections, so that multi-process proxies (nginx workers, weighbridge
-        # workers) can use every process: the kernel hands each connection to one of them.
         "-connections",
-        "8" if target.port is not None else "4",
+        str(per_target),
     ]
     for k, v in mode.items():
         args += [f"-{k}", str(v)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result: dict[str, float] = json.loads(out.stdout)
+    result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return result
+
+
+def engine_threads(pid: int) -> dict[str, float]:
+    """CPU seconds of a Weighbridge proxy's engine threads (weighbridge-N; before issue 9
+    weighbridge-data, which /proc shortens to weighbridge-dat) and of the rest (Python)."""
+    out: dict[str, float] = {"python": 0.0}
+    for name, s in thread_cpu_seconds(pid).items():
+        key = name if re.fullmatch(r"weighbridge-(\d+|data?)", name) else "python"
+        out[key] = out.get(key, 0.0) + s
+    return out
+
+
+def thread_counts(metrics_port: int) -> dict[str, dict[str, float]]:
+    """Per engine thread: calls and connections accepted (the proxy's /metrics)."""
+    out: dict[str, dict[str, float]] = {}
+    with contextlib.suppress(OSError):
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        for m in re.finditer(
+            r'^weighbridge_proxy_thread_(calls|connections)_total\{thread="(\d+)"\} (\S+)$',
+            text,
+            re.M,
+        ):
+            out.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
+    return out
+
+
+@dataclass
+class Cores:
+    """Who used the machine's cores during one run, in cores (CPU seconds per second)."""
+
+    wall: float
+    machine0: dict[str, float]
+    proxy0: float
+    backends0: float
+    threads0: dict[str, float]
+    counts0: dict[str, dict[str, float]]
+
+    @classmethod
+    def start(cls, target: Target, backend_pids: list[int]) -> Cores:
+        counts = thread_counts(target.metrics_port) if target.metrics_port else {}
+        return cls(
+            time.monotonic(),
+            machine_cpu_seconds(),
+            cpu_seconds(target.pids()),
+            cpu_seconds(backend_pids),
+            engine_threads(target.proc.pid) if target.metrics_port and target.proc else {},
+            counts,
+        )
+
+    def stop(self, target: Target, backend_pids: list[int], loadgen_s: float) -> dict[str, float]:
+        wall = time.monotonic() - self.wall
+        machine = {k: v - self.machine0[k] for k, v in machine_cpu_seconds().items()}
+        busy = machine["busy"]
+        proxy = cpu_seconds(target.pids()) - self.proxy0
+        backends = cpu_seconds(backend_pids) - self.backends0
+        out = {
+            "cores_proxy": proxy / wall,
+            "cores_loadgen": loadgen_s / wall,
+            "cores_backends": backends / wall,
+            "cores_other": max(busy - proxy - backends - loadgen_s, 0.0) / wall,
+            "cores_steal": machine["steal"] / wall,
+            "cores_idle": machine["idle"] / wall,
+            "proxy_cpu_s": proxy,
+        }
+        if self.threads0 and target.proc:
+            for name, s in engine_threads(target.proc.pid).items():
+                out[f"cores_thread_{name}"] = (s - self.threads0.get(name, 0.0)) / wall
+        if self.counts0 and target.metrics_port:
+            # Which engine thread accepted this run's connections, and carried its calls.
+            for thread, now in thread_counts(target.metrics_port).items():
+                was = self.counts0.get(thread, {})
+                for k in ("connections", "calls"):
+                    out[f"{k}_thread_{thread}"] = now.get(k, 0.0) - was.get(k, 0.0)
+        return out
 
 
 LIGHT_RATE = 1000
 """req/s of the second latency run."""
 
 
-def measure(quick: bool) -> dict[str, dict[str, float]]:
-    rounds, seconds, concurrency = (2, 3.0, 64) if quick else (5, 10.0, 64)
+def measure(
+    rounds: int,
+    seconds: float,
+    baseline: Baseline | None,
+    only: set[str] | None = None,
+    concurrency: int = 64,
+) -> dict[str, dict[str, object]]:
     bins = build_go()
+    specs = [s for s in weighbridge_specs(baseline) if only is None or s.name in only]
+    others = OTHERS if only is None else OTHERS & only
     with (
         tempfile.TemporaryDirectory(prefix="wb-compare-") as tmp,
-        environment(Path(tmp), bins) as (targets, backends),
+        environment(Path(tmp), bins, specs, others) as env,
     ):
+        targets, backends = env.targets, env.backends
+        backend_pids = [p.pid for p in env.backend_procs]
         for t in targets:
             loadgen(bins, t, backends, 1.0, concurrency=8)  # warm up connections and caches
             t.rss_before = rss_mb(t.pids())
         rate = 0.0
         for r in range(rounds):
             for t in targets:
-                cpu0 = cpu_seconds(t.pids())
+                cores = Cores.start(t, backend_pids)
                 tp = loadgen(bins, t, backends, seconds, concurrency=concurrency)
-                cpu = cpu_seconds(t.pids()) - cpu0
+                used = cores.stop(t, backend_pids, tp["cpu_s"])
+                cpu = used.pop("proxy_cpu_s")
+                per_thread = {k: used.pop(k) for k in list(used) if "_thread_" in k}
+                if per_thread:
+                    used["cores_engine"] = sum(
+                        v for k, v in per_thread.items() if k.startswith("cores_thread_weighb")
+                    )
+                    t.threads.append({k: round(v, 3) for k, v in per_thread.items()})
                 t.runs.append(
                     {
                         "rps": tp["rps"],
                         "errors": tp["errors"],
                         "cpu_us_per_request": cpu / max(tp["requests"], 1) * 1e6,
+                        **used,
                     }
                 )
             if r == 0:  # the fixed rate: half of HAProxy's throughput (else the best proxy's)
@@ -296,9 +508,12 @@ def measure(quick: bool) -> dict[str, dict[str, float]]:
                 )
         for t in targets:
             t.rss_after = rss_mb(t.pids())
-    results = {}
+    results: dict[str, dict[str, object]] = {}
     for t in targets:
-        med = {k: statistics.median(run[k] for run in t.runs) for k in t.runs[0]}
+        keys = dict.fromkeys(k for run in t.runs for k in run)
+        med: dict[str, object] = {
+            k: round(statistics.median(run.get(k, 0.0) for run in t.runs), 2) for k in keys
+        }
         med.update(
             {
                 "rss_mb_before": round(t.rss_before, 1),
@@ -306,59 +521,109 @@ def measure(quick: bool) -> dict[str, dict[str, float]]:
                 "rounds": rounds,
                 "seconds_per_run": seconds,
                 "concurrency": concurrency,
+                "connections": CONNECTIONS,
             }
         )
+        for k in ("cpu_us_per_request", "rps"):
+            med[f"{k}_by_round"] = [round(run[k], 1) for run in t.runs]
+        if t.threads:
+            med["threads_by_round"] = t.threads
         if t.port is None:
             med["cpu_us_per_request"] = 0.0  # no proxy process
-        results[t.name] = {k: round(v, 1) if isinstance(v, float) else v for k, v in med.items()}
+        results[t.name] = med
     return results
 
 
-def ratios(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
-    out: dict[str, dict[str, float | None]] = {}
-    h, d = results.get("haproxy"), results.get("direct")
+def ratios(results: dict[str, dict[str, object]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
     for name, r in results.items():
-        row: dict[str, float | None] = {}
-        for key in ("cpu_us_per_request", "rps", "p50_us", "p99_us"):
-            if h and h[key]:
-                row[f"{key}_vs_haproxy"] = round(r[key] / h[key], 2)
-            if d and d[key]:
-                row[f"{key}_vs_direct"] = round(r[key] / d[key], 2)
+        row: dict[str, float] = {}
+        for other in ("haproxy", "direct", "before-1", "weighbridge-1t"):
+            o = results.get(other)
+            if o is None or other == name:
+                continue
+            for key in ("cpu_us_per_request", "rps", "p50_us", "p99_us"):
+                a, b = r[key], o[key]
+                if isinstance(a, float | int) and isinstance(b, float | int) and b:
+                    row[f"{key}_vs_{other}"] = round(a / b, 2)
         out[name] = row
     return out
 
 
-def markdown(results: dict[str, dict[str, float]]) -> str:
+def _f(r: dict[str, object], key: str) -> float:
+    v = r.get(key, 0.0)
+    return float(v) if isinstance(v, float | int) else 0.0
+
+
+def markdown(results: dict[str, dict[str, object]]) -> str:
     rel = ratios(results)
+    before = "before-1" in results
     lines = [
-        "| target | CPU µs/req | x HAProxy | req/s (c=64) | x HAProxy | x direct | p50 µs | p99 µs "
+        "| target | CPU µs/req | x HAProxy "
+        + ("| x before-1 " if before else "")
+        + "| req/s (c=64) | x HAProxy | x direct | p50 µs | p99 µs "
         "| p50 added over direct µs | p50 / p99 µs at 1k req/s | RSS MB before → after |",
-        "|" + "---|" * 11,
+        "|" + "---|" * (12 if before else 11),
     ]
     d = results.get("direct", {})
     for name, r in results.items():
         x = rel[name]
-        cpu_x = x.get("cpu_us_per_request_vs_haproxy") or "-"
+        proxy = bool(r.get("cpu_us_per_request"))
+        cpu_x = x.get("cpu_us_per_request_vs_haproxy", "-") if proxy else "-"
+        cpu_b = x.get("cpu_us_per_request_vs_before-1", "-") if proxy else "-"
         lines.append(
-            f"| {name} | {r['cpu_us_per_request']:.1f} | {cpu_x} "
-            f"| {r['rps']:.0f} | {x.get('rps_vs_haproxy', '-')} | {x.get('rps_vs_direct', '-')} "
-            f"| {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['p50_us'] - d.get('p50_us', 0):.0f} "
-            f"| {r['p50_light_us']:.0f} / {r['p99_light_us']:.0f} "
+            f"| {name} | {_f(r, 'cpu_us_per_request'):.1f} | {cpu_x} "
+            + (f"| {cpu_b} " if before else "")
+            + f"| {_f(r, 'rps'):.0f} | {x.get('rps_vs_haproxy', '-')} "
+            f"| {x.get('rps_vs_direct', '-')} "
+            f"| {_f(r, 'p50_us'):.0f} | {_f(r, 'p99_us'):.0f} "
+            f"| {_f(r, 'p50_us') - _f(d, 'p50_us'):.0f} "
+            f"| {_f(r, 'p50_light_us'):.0f} / {_f(r, 'p99_light_us'):.0f} "
             f"| {r['rss_mb_before']} → {r['rss_mb_after']} |"
         )
-    rate = next(iter(results.values()))["rate"]
+    first = next(iter(results.values()))
     lines.append(
-        f"\nLatency at {rate:.0f} req/s (half of HAProxy's throughput) and at {LIGHT_RATE} "
-        "req/s; medians of "
-        f"{next(iter(results.values()))['rounds']} interleaved rounds."
+        f"\nLatency at {_f(first, 'rate'):.0f} req/s (half of HAProxy's throughput) and at "
+        f"{LIGHT_RATE} req/s; medians of {first['rounds']} interleaved rounds of "
+        f"{first['seconds_per_run']} s, {CONNECTIONS} client connections."
     )
+    lines += [
+        "",
+        f"Who used the {os.cpu_count()} cores during the throughput runs (cores, medians; "
+        "other: every other process and the kernel's work not charged to one; steal: taken by "
+        "the hypervisor from this VM):",
+        "",
+        "| target | proxy | of which engine threads | load generator | backends | other | steal "
+        "| idle | each round: connections per engine thread (cores each) |",
+        "|" + "---|" * 9,
+    ]
+    for name, r in results.items():
+        rounds = r.get("threads_by_round")
+        split = "-"
+        if isinstance(rounds, list) and any("connections_thread_0" in x for x in rounds):
+            split = ", ".join(thread_split(x) for x in rounds)
+        engine = f"{_f(r, 'cores_engine'):.2f}" if "cores_engine" in r else "-"
+        lines.append(
+            f"| {name} | {_f(r, 'cores_proxy'):.2f} | {engine} "
+            f"| {_f(r, 'cores_loadgen'):.2f} | {_f(r, 'cores_backends'):.2f} "
+            f"| {_f(r, 'cores_other'):.2f} | {_f(r, 'cores_steal'):.2f} "
+            f"| {_f(r, 'cores_idle'):.2f} | {split} |"
+        )
     return "\n".join(lines)
 
 
+def thread_split(run: dict[str, float]) -> str:
+    """'5/3 (0.31/0.18)': connections each engine thread accepted in a run, and its cores."""
+    n = sum(1 for k in run if k.startswith("connections_thread_"))
+    conns = "/".join(f"{run[f'connections_thread_{i}']:.0f}" for i in range(n))
+    cores = "/".join(f"{run.get(f'cores_thread_weighbridge-{i}', 0.0):.2f}" for i in range(n))
+    return f"{conns} ({cores})"
+
+
 def color(name: str) -> str:
-    """One colour per kind of target: no proxy, Weighbridge (Rust, Python), nginx, HAProxy."""
+    """One colour per kind of target: no proxy, Weighbridge, its baseline, nginx, HAProxy."""
     for part, c in (
-        ("python", "#36c"),
+        ("before", "#36c"),
         ("weighbridge", "#2a7"),
         ("nginx", "#c63"),
         ("haproxy", "#859"),
@@ -368,7 +633,7 @@ def color(name: str) -> str:
     return "#888"
 
 
-def chart(results: dict[str, dict[str, float]], path: Path) -> None:
+def chart(results: dict[str, dict[str, object]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,11 +650,7 @@ def chart(results: dict[str, dict[str, float]], path: Path) -> None:
         ),
         strict=True,
     ):
-        ax.bar(
-            names,
-            [results[n][key] for n in names],
-            color=[color(n) for n in names],
-        )
+        ax.bar(names, [_f(results[n], key) for n in names], color=[color(n) for n in names])
         ax.set_title(title, fontsize=10)
         if key == "p99_us":
             ax.set_yscale("log")
@@ -408,11 +669,28 @@ def main() -> None:
         action="store_true",
         help="2 rounds of 3 s (a few minutes); default 5 rounds of 10 s",
     )
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 5; --quick: 2)")
+    p.add_argument("--seconds", type=float, help="seconds per run (default 10; --quick: 3)")
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure REV's proxy (--workers 1 --engine native) as target before-1",
+    )
+    p.add_argument(
+        "--targets",
+        type=lambda s: set(s.split(",")),
+        help="only these targets, comma-separated (default: all of them)",
+    )
     p.add_argument("--json", type=Path, help="write {targets: {NAME: figures}, ratios: …} here")
-    p.add_argument("--markdown", type=Path, help="write the Markdown table here")
+    p.add_argument("--markdown", type=Path, help="write the Markdown tables here")
     p.add_argument("--png", type=Path, help="write a bar chart here")
     args = p.parse_args()
-    results = measure(args.quick)
+    rounds = args.rounds or (2 if args.quick else 5)
+    seconds = args.seconds or (3.0 if args.quick else 10.0)
+    baseline = prepare_baseline(args.baseline) if args.baseline else None
+    load0 = os.getloadavg()
+    started = time.time()
+    results = measure(rounds, seconds, baseline, args.targets)
     table = markdown(results)
     print(table)
     if args.json:
@@ -421,10 +699,19 @@ def main() -> None:
                 {
                     "targets": results,
                     "ratios": ratios(results),
-                    "machine": {"cores": os.cpu_count(), "uname": " ".join(os.uname())},
+                    "baseline": baseline.commit if baseline else None,
+                    "commit": git("rev-parse", "HEAD"),
+                    "machine": {
+                        "cores": os.cpu_count(),
+                        "uname": " ".join(os.uname()),
+                        "loadavg_before": [round(x, 2) for x in load0],
+                        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                    },
+                    "minutes": round((time.time() - started) / 60, 1),
                 },
                 indent=2,
             )
+            + "\n"
         )
     if args.markdown:
         args.markdown.write_text(table + "\n")

@@ -1,7 +1,7 @@
 """Benchmarks of the proxy (issue: data plane), each against real processes on loopback.
 
-    .venv/bin/python -m bench.proxy [--engine native|python] update-latency [--changes 200]
-    .venv/bin/python -m bench.proxy [--engine native|python] load [--requests 200000] [--profile]
+    .venv/bin/python -m bench.proxy [--threads N] update-latency [--changes 200]
+    .venv/bin/python -m bench.proxy [--threads N] load [--requests 200000] [--profile]
 
 update-latency  time from an etcd write (wbctl-style put) to the first request that the
                 proxy routes by the new set, with requests sent back to back.
@@ -9,8 +9,10 @@ load            h2load (nghttp2-client) sends unary gRPC calls through one proxy
                 two grpc.aio echo backends; reports proxy CPU µs per request (from
                 /proc/PID/stat), throughput, and the proxy's RSS sampled during the run.
                 --profile runs the proxy under cProfile and prints the hottest functions
-                (Python's share only: for the native engine use perf, see
+                (Python's share only, which carries no calls: for the engine use perf, see
                 docs/performance.md).
+
+--threads is the proxy's engine threads (default 1, so that CPU per call is one thread's).
 
 Bounded: fixed request counts, every wait has a timeout.
 """
@@ -43,7 +45,7 @@ from weighbridge.model import BackendSet, Endpoint
 
 @contextlib.contextmanager
 def processes(
-    workdir: Path, profile: Path | None = None, engine: str = "native"
+    workdir: Path, profile: Path | None = None, threads: int = 1
 ) -> Iterator[dict[str, object]]:
     """etcd, two echo backends, one proxy (optionally under cProfile)."""
     etcd = testenv.Etcd(workdir)
@@ -76,8 +78,8 @@ def processes(
             "warning",
             "--log-format",
             "json",
-            "--engine",
-            engine,
+            "--threads",
+            str(threads),
         ]
         if profile is not None:
             code = (
@@ -141,8 +143,8 @@ async def wait_ready(port: int) -> grpc.aio.Channel:
             await asyncio.sleep(0.2)
 
 
-async def update_latency(changes: int, workdir: Path, engine: str) -> None:
-    with processes(workdir, engine=engine) as env:
+async def update_latency(changes: int, workdir: Path, threads: int) -> None:
+    with processes(workdir, threads=threads) as env:
         a, b = env["backends"]  # type: ignore[misc]
         await put(env, "round_robin", [a])
         ch = await wait_ready(env["port"])  # type: ignore[arg-type]
@@ -207,13 +209,13 @@ def h2load(
     return {"succeeded": ok, "rps": rps}
 
 
-def load(requests: int, profile: bool, workdir: Path, engine: str) -> None:
+def load(requests: int, profile: bool, workdir: Path, threads: int) -> None:
     if shutil.which("h2load") is None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client"], check=True)
     body = workdir / "body.bin"
     body.write_bytes(b"\x00" + (64).to_bytes(4, "big") + b"x" * 64)
     prof = workdir / "proxy.prof" if profile else None
-    with processes(workdir, prof, engine) as env:
+    with processes(workdir, prof, threads) as env:
         a, b = env["backends"]  # type: ignore[misc]
         asyncio.run(put(env, "round_robin", [a, b]))
         asyncio.run(_ready(env["port"]))  # type: ignore[arg-type]
@@ -258,7 +260,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--engine", choices=("native", "python"), default="native")
+    p.add_argument("--threads", type=int, default=1, help="the proxy's engine threads (1)")
     sub = p.add_subparsers(dest="what", required=True)
     u = sub.add_parser("update-latency")
     u.add_argument("--changes", type=int, default=200)
@@ -268,9 +270,9 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="wb-bench-") as tmp:
         if args.what == "update-latency":
-            asyncio.run(update_latency(args.changes, Path(tmp), args.engine))
+            asyncio.run(update_latency(args.changes, Path(tmp), args.threads))
         else:
-            load(args.requests, args.profile, Path(tmp), args.engine)
+            load(args.requests, args.profile, Path(tmp), args.threads)
 
 
 if __name__ == "__main__":
