@@ -6,12 +6,26 @@
 //
 // Several targets are used round robin, one connection each (the "direct" case); -authority
 // sets :authority (how the proxies route).
+//
+// For the fault benchmark (bench/faults.py), with -rate:
+//
+//	loadgen -targets A -rate 1000 -duration 10s -start-at UNIX_NS -record calls.csv [-hold-stream]
+//
+// -start-at begins the measured calls at that wall-clock time (after the warm-up), so that the
+// caller can time faults against it; -record writes one line per measured call,
+// "start_unix_ns,latency_us,grpc_code,x-backend" (x-backend from the headers, else the trailers,
+// else empty); -hold-stream holds one server-streaming call (/test.Echo/Stream) open through
+// the target for the whole run and reports how it ended ("stream" in the JSON).
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
+	"fmt"
+	"io"
 	"log"
 	"os"
 	"slices"
@@ -21,7 +35,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"weighbridge.local/bench/rawcodec"
 )
@@ -35,6 +52,29 @@ type result struct {
 	P90us    float64 `json:"p90_us"`
 	P99us    float64 `json:"p99_us"`
 	MaxUs    float64 `json:"max_us"`
+	// StartUnixNs is when the measured calls began (wall clock).
+	StartUnixNs int64         `json:"start_unix_ns"`
+	Stream      *streamResult `json:"stream,omitempty"`
+}
+
+// streamResult is how the held server-streaming call (-hold-stream) went.
+type streamResult struct {
+	Messages int64  `json:"messages"`
+	Backend  string `json:"backend"`
+	// Code is the call's gRPC status code when it ended before the end of the run; 0 when it
+	// was held to the end (and then cancelled by the load generator).
+	Code codes.Code `json:"code"`
+	// EndedS is when it ended by itself, in seconds after the start; -1 when held to the end.
+	EndedS  float64 `json:"ended_s"`
+	Message string  `json:"message,omitempty"`
+}
+
+// record is one measured call (-record).
+type record struct {
+	start   time.Time
+	elapsed time.Duration
+	code    codes.Code
+	backend string
 }
 
 func main() {
@@ -45,7 +85,10 @@ func main() {
 	duration := flag.Duration("duration", 10*time.Second, "how long to send")
 	size := flag.Int("size", 64, "request payload bytes")
 	conns := flag.Int("connections", 1, "connections per target")
-	callTimeout := flag.Duration("call-timeout", 5*time.Second, "deadline of each open-loop call")
+	callTimeout := flag.Duration("call-timeout", 5*time.Second, "deadline of each open-loop call and of each warm-up call")
+	recordPath := flag.String("record", "", "write each measured call (start, latency, code, backend) to this CSV file")
+	startAt := flag.Int64("start-at", 0, "begin measuring at this time (Unix ns); 0: after the warm-up")
+	holdStream := flag.Bool("hold-stream", false, "hold one /test.Echo/Stream call open for the whole run")
 	flag.Parse()
 
 	var clients []*grpc.ClientConn
@@ -66,18 +109,30 @@ func main() {
 		}
 	}
 	payload := make([]byte, *size)
-	var next, requests, errors atomic.Int64
+	var next, requests, failures atomic.Int64
 	var mu sync.Mutex
 	var latencies []time.Duration
+	var records []record
 	call := func(ctx context.Context) {
 		cc := clients[int(next.Add(1))%len(clients)]
 		var resp []byte
+		var header, trailer metadata.MD
+		var opts []grpc.CallOption
+		if *recordPath != "" {
+			opts = []grpc.CallOption{grpc.Header(&header), grpc.Trailer(&trailer)}
+		}
 		start := time.Now()
-		err := cc.Invoke(ctx, "/test.Echo/Unary", payload, &resp)
+		err := cc.Invoke(ctx, "/test.Echo/Unary", payload, &resp, opts...)
 		elapsed := time.Since(start)
 		requests.Add(1)
+		if *recordPath != "" {
+			r := record{start, elapsed, status.Code(err), first(header, trailer, "x-backend")}
+			mu.Lock()
+			records = append(records, r)
+			mu.Unlock()
+		}
 		if err != nil {
-			errors.Add(1)
+			failures.Add(1)
 			if ctx.Err() == nil {
 				return
 			}
@@ -88,18 +143,33 @@ func main() {
 		latencies = append(latencies, elapsed)
 		mu.Unlock()
 	}
-	// Warm up every connection before measuring.
+	// Warm up every connection before measuring (each call bounded by -call-timeout).
 	for range clients {
-		call(context.Background())
+		ctx, cancel := context.WithTimeout(context.Background(), *callTimeout)
+		call(ctx)
+		cancel()
 	}
 	requests.Store(0)
-	errors.Store(0)
+	failures.Store(0)
 	latencies = latencies[:0]
+	records = records[:0]
+	if *startAt > 0 {
+		time.Sleep(time.Until(time.Unix(0, *startAt)))
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), *duration)
 	defer cancel()
 	start := time.Now()
 	var wg sync.WaitGroup
+	var held *streamResult
+	if *holdStream {
+		held = &streamResult{EndedS: -1}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			hold(ctx, clients[0], payload, start, held)
+		}()
+	}
 	if *rate > 0 {
 		// Open loop: call i is due at start + i/rate whatever happened to earlier calls, so a
 		// slow server shows up as latency rather than as a lower offered rate.
@@ -137,8 +207,70 @@ func main() {
 		return float64(latencies[min(len(latencies)-1, int(p*float64(len(latencies)-1)+0.5))].Microseconds())
 	}
 	r := result{
-		Requests: requests.Load(), Errors: errors.Load(), Seconds: seconds,
+		Requests: requests.Load(), Errors: failures.Load(), Seconds: seconds,
 		RPS: float64(requests.Load()) / seconds, P50us: q(0.5), P90us: q(0.9), P99us: q(0.99), MaxUs: q(1),
+		StartUnixNs: start.UnixNano(), Stream: held,
+	}
+	if *recordPath != "" {
+		if err := writeRecords(*recordPath, records); err != nil {
+			log.Fatal(err)
+		}
 	}
 	_ = json.NewEncoder(os.Stdout).Encode(r)
+}
+
+// hold keeps one /test.Echo/Stream call open until ctx ends, counting its messages into out.
+func hold(ctx context.Context, cc *grpc.ClientConn, payload []byte, start time.Time, out *streamResult) {
+	desc := &grpc.StreamDesc{StreamName: "Stream", ServerStreams: true}
+	stream, err := cc.NewStream(ctx, desc, "/test.Echo/Stream")
+	if err == nil {
+		err = stream.SendMsg(payload)
+	}
+	if err == nil {
+		err = stream.CloseSend()
+	}
+	for err == nil {
+		var msg []byte
+		if err = stream.RecvMsg(&msg); err == nil {
+			out.Messages++
+			if out.Backend == "" {
+				header, _ := stream.Header()
+				out.Backend = first(header, nil, "x-backend")
+			}
+		}
+	}
+	if errors.Is(err, io.EOF) {
+		err = nil // the server ended the stream with OK
+	}
+	if ctx.Err() != nil {
+		return // held to the end
+	}
+	st := status.Convert(err)
+	out.Code, out.Message, out.EndedS = st.Code(), st.Message(), time.Since(start).Seconds()
+}
+
+// first is the first value of key in a, else in b, else "".
+func first(a, b metadata.MD, key string) string {
+	for _, md := range []metadata.MD{a, b} {
+		if v := md.Get(key); len(v) > 0 {
+			return v[0]
+		}
+	}
+	return ""
+}
+
+func writeRecords(path string, records []record) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	w := bufio.NewWriter(f)
+	for _, r := range records {
+		fmt.Fprintf(w, "%d,%d,%d,%s\n", r.start.UnixNano(), r.elapsed.Microseconds(), r.code, r.backend)
+	}
+	if err := w.Flush(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
