@@ -13,23 +13,38 @@ use pyo3::exceptions::{PyLookupError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use tokio::sync::watch;
 
-use crate::pool::Pool;
-use crate::routing::{Route, Table, Target};
+use crate::events::{Event, Events};
+use crate::health::{CheckArg, CheckPolicy, Health, OutlierArg, OutlierPolicy, Owner};
+use crate::pool::{Pool, Tuning};
+use crate::retry::{Budget, RetryArg, RetryPolicy, ServiceCounters};
+use crate::routing::{Policy, Route, Table, Target};
 use crate::stats::{Counters, Stats};
 use crate::strategy::Picker;
 use crate::workers::{self, WorkerCounters};
+
+/// What one Service keeps across set updates: per endpoint (HOST:PORT) its counters and its
+/// failover state, its retry budget and its failover counters.
+#[derive(Default)]
+struct ServiceState {
+    endpoints: HashMap<String, (Arc<Stats>, Arc<Health>)>,
+    budget: Arc<Budget>,
+    counters: Arc<ServiceCounters>,
+}
 
 /// What every engine thread shares.
 pub struct Shared {
     table: RwLock<Table>,
     pool: Pool,
-    /// NAMESPACE/NAME → HOST:PORT → counters; they outlive set updates. Per Service, so that
-    /// applying one set costs its own endpoints, not every Service's.
-    stats: Mutex<HashMap<String, HashMap<String, Arc<Stats>>>>,
+    /// NAMESPACE/NAME → what it keeps across set updates. Per Service, so that applying one
+    /// set costs its own endpoints, not every Service's.
+    services: Mutex<HashMap<String, ServiceState>>,
+    events: Arc<Events>,
     pub counters: Counters,
     pub workers: Box<[WorkerCounters]>,
     pub bounds_ns: Vec<u64>,
     pub max_message_bytes: usize,
+    /// Request bytes kept per call so that it can be sent again.
+    pub retry_buffer_bytes: usize,
     /// A client connection gets GOAWAY after about this long (±10%); None: never.
     pub max_connection_age: Option<Duration>,
 }
@@ -53,7 +68,23 @@ impl Shared {
 /// One eligible endpoint of a set as Python hands it over: (HOST:PORT, pod name or "", weight).
 type EndpointArg = (String, String, u32);
 /// One row of `Engine.stats()`.
-type StatsRow = (String, String, u64, u64, i64, f64, Vec<u64>, bool, String);
+type StatsRow = (
+    String,
+    String,
+    u64,
+    u64,
+    i64,
+    f64,
+    Vec<u64>,
+    bool,
+    String,
+    (&'static str, String, f64, u64),
+);
+
+fn seconds(name: &str, s: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| PyValueError::new_err(format!("{name} must be a number of seconds ≥ 0")))
+}
 
 #[pyclass(frozen, module = "weighbridge_native")]
 pub struct Engine {
@@ -72,7 +103,8 @@ impl Engine {
     #[new]
     #[pyo3(signature = (
         fd, *, threads, max_message_bytes, eager, latency_bounds_ns, max_connection_age_s,
-        max_backend_connections, seed=None
+        max_backend_connections, handshake_timeout_s, keepalive_time_s, keepalive_timeout_s,
+        retry_buffer_bytes, seed=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -83,8 +115,18 @@ impl Engine {
         latency_bounds_ns: Vec<u64>,
         max_connection_age_s: f64,
         max_backend_connections: usize,
+        handshake_timeout_s: f64,
+        keepalive_time_s: f64,
+        keepalive_timeout_s: f64,
+        retry_buffer_bytes: usize,
         seed: Option<u64>,
     ) -> PyResult<Self> {
+        let tuning = Tuning {
+            handshake_timeout: seconds("handshake_timeout_s", handshake_timeout_s)?,
+            keepalive_time: Some(seconds("keepalive_time_s", keepalive_time_s)?)
+                .filter(|d| !d.is_zero()),
+            keepalive_timeout: seconds("keepalive_timeout_s", keepalive_timeout_s)?,
+        };
         if threads == 0 {
             return Err(PyValueError::new_err("threads must be at least 1"));
         }
@@ -114,14 +156,19 @@ impl Engine {
                     .map_err(os)?,
             );
         }
+        let events = Arc::new(Events::default());
         let shared = Arc::new(Shared {
             table: RwLock::new(Table::default()),
             pool: Pool::new(
                 eager,
                 max_backend_connections,
+                tuning,
+                Arc::clone(&events),
                 runtimes.iter().map(|r| r.handle().clone()).collect(),
             ),
-            stats: Mutex::new(HashMap::new()),
+            services: Mutex::new(HashMap::new()),
+            events,
+            retry_buffer_bytes,
             counters: Counters::default(),
             workers: (0..threads).map(|_| WorkerCounters::default()).collect(),
             bounds_ns: latency_bounds_ns,
@@ -184,15 +231,42 @@ impl Engine {
     /// Installs (replaces) the route of Service `key` (NAMESPACE/NAME) in one swap.
     ///
     /// `endpoints` are the eligible ones, as (HOST:PORT, pod, weight > 0); `total` counts every
-    /// endpoint of the set, eligible or not, to explain an empty route. Raises ValueError for
-    /// an unknown strategy or a weight of 0.
+    /// endpoint of the set, eligible or not, to explain an empty route. The failover settings
+    /// come resolved (defaults live in Python): `retry`, `outlier` and `health_check` are None
+    /// when off. Raises ValueError for an unknown strategy, a weight of 0 or a bad setting.
+    #[pyo3(signature = (key, strategy, endpoints, total, *, retry, outlier, health_check, panic_threshold))]
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &self,
         key: String,
         strategy: &str,
         endpoints: Vec<EndpointArg>,
         total: usize,
+        retry: Option<RetryArg>,
+        outlier: Option<OutlierArg>,
+        health_check: Option<CheckArg>,
+        panic_threshold: u32,
     ) -> PyResult<()> {
+        let invalid = |e: String| PyValueError::new_err(format!("Service {key}: {e}"));
+        let policy = Policy {
+            retry: retry
+                .map(RetryPolicy::from_arg)
+                .transpose()
+                .map_err(invalid)?,
+            outlier: outlier
+                .map(OutlierPolicy::from_arg)
+                .transpose()
+                .map_err(invalid)?,
+            panic_threshold: if panic_threshold <= 100 {
+                panic_threshold
+            } else {
+                return Err(invalid("panic threshold must be 0-100%".into()));
+            },
+        };
+        let check = health_check
+            .map(CheckPolicy::from_arg)
+            .transpose()
+            .map_err(invalid)?;
         let weights: Vec<u32> = endpoints.iter().map(|(_, _, w)| *w).collect();
         let why = if total == 0 {
             "no endpoints".to_string()
@@ -210,16 +284,32 @@ impl Engine {
             start,
             format!("Service {key} has no backend that can take requests ({why})"),
         )
-        .map_err(|e| PyValueError::new_err(format!("Service {key}: {e}")))?;
+        .map_err(invalid)?;
         let shared = &self.shared;
-        let mut all_stats = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let stats = all_stats.entry(key.clone()).or_default();
+        let mut services = shared.services.lock().unwrap_or_else(|e| e.into_inner());
+        let service = services.entry(key.clone()).or_default();
+        let handshake = shared.pool.tuning().handshake_timeout;
         let targets = endpoints
             .iter()
-            .map(|(hostport, pod, _)| {
-                let counters = stats
-                    .entry(hostport.clone())
-                    .or_insert_with(|| Arc::new(Stats::new(shared.bounds_ns.len())));
+            .enumerate()
+            .map(|(i, (hostport, pod, _))| {
+                let (stats, health) =
+                    service
+                        .endpoints
+                        .entry(hostport.clone())
+                        .or_insert_with(|| {
+                            let owner = Owner {
+                                service: key.clone(),
+                                hostport: hostport.clone(),
+                                events: Arc::clone(&shared.events),
+                                counters: Arc::clone(&service.counters),
+                            };
+                            (
+                                Arc::new(Stats::new(shared.bounds_ns.len())),
+                                Arc::new(Health::new(owner)),
+                            )
+                        });
+                health.set_checks(check.as_ref(), shared.pool.runtime(i), handshake);
                 let pod = if pod.is_empty() {
                     String::new()
                 } else {
@@ -227,28 +317,38 @@ impl Engine {
                 };
                 Target {
                     backend: shared.pool.acquire(hostport),
-                    stats: Arc::clone(counters),
+                    stats: Arc::clone(stats),
+                    health: Arc::clone(health),
                     who: format!("backend {hostport} (Service {key}{pod})"),
                 }
             })
             .collect();
-        // Counters of endpoints that left the set go, unless calls to them are in flight.
-        if stats.len() > endpoints.len() {
+        // What endpoints that left the set kept goes, unless calls to them are in flight;
+        // their health checks stop either way.
+        if service.endpoints.len() > endpoints.len() {
             let live: HashSet<&str> = endpoints.iter().map(|(h, _, _)| h.as_str()).collect();
-            stats.retain(|hostport, s| {
-                s.in_flight.load(Relaxed) > 0 || live.contains(hostport.as_str())
+            service.endpoints.retain(|hostport, (s, h)| {
+                let keep = live.contains(hostport.as_str());
+                if !keep {
+                    h.stop_checks();
+                }
+                keep || s.in_flight.load(Relaxed) > 0
             });
         }
-        drop(all_stats);
+        let route = Route {
+            key,
+            targets,
+            picker,
+            policy,
+            budget: Arc::clone(&service.budget),
+            counters: Arc::clone(&service.counters),
+        };
+        drop(services);
         let old = shared
             .table
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(Route {
-                key,
-                targets,
-                picker,
-            });
+            .insert(route);
         if let Some(old) = old {
             shared.release(&old);
         }
@@ -266,11 +366,15 @@ impl Engine {
         if let Some(old) = old {
             self.shared.release(&old);
         }
-        self.shared
-            .stats
+        let gone = self
+            .shared
+            .services
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
+        for (_, health) in gone.iter().flat_map(|s| s.endpoints.values()) {
+            health.stop_checks();
+        }
     }
 
     /// gRPC service name → NAMESPACE/NAME, for calls whose authority names no Service.
@@ -297,25 +401,47 @@ impl Engine {
         let route = table
             .get(key)
             .ok_or_else(|| PyLookupError::new_err(format!("no backend set for Service {key}")))?;
-        let (i, why) = route
+        let (i, mut why) = route
             .picker
             .explain()
             .map_err(|m| PyLookupError::new_err(m.to_string()))?;
-        Ok((route.targets[i].backend.hostport.clone(), why))
+        let target = &route.targets[i];
+        if let Some((state, reason)) = target.unavailable() {
+            // The call would skip it: say so, and which endpoint a pick gives now.
+            let next = route.pick(None).map_err(PyLookupError::new_err)?;
+            why = format!(
+                "{why}; but {} is {state} ({reason}), so the call goes to the next one that can \
+                 take it",
+                target.backend.hostport
+            );
+            return Ok((route.targets[next].backend.hostport.clone(), why));
+        }
+        Ok((target.backend.hostport.clone(), why))
     }
 
     /// Rows of (NAMESPACE/NAME, HOST:PORT, requests, errors, in flight, latency sum in
-    /// seconds, latency bucket counts, connected, last connection error), of Service `key`
-    /// only when given.
+    /// seconds, latency bucket counts, connected, last connection error, (state, why, since
+    /// (unix seconds), times ejected)), of Service `key` only when given. The state is
+    /// `ejected`, `unhealthy`, `connect_failing` or `healthy`, in that order of precedence.
     #[pyo3(signature = (key=None))]
     fn stats(&self, key: Option<&str>) -> Vec<StatsRow> {
-        let stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-        stats
+        let services = self
+            .shared
+            .services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        services
             .iter()
             .filter(|(k, _)| key.is_none_or(|key| key == k.as_str()))
-            .flat_map(|(key, per_endpoint)| per_endpoint.iter().map(move |(h, s)| (key, h, s)))
-            .map(|(key, hostport, s)| {
-                let (connected, last_error) = self.shared.pool.status(hostport).unwrap_or_default();
+            .flat_map(|(key, service)| service.endpoints.iter().map(move |(h, e)| (key, h, e)))
+            .map(|(key, hostport, (s, health))| {
+                let (connected, last_error, down, down_since) =
+                    self.shared.pool.status(hostport).unwrap_or_default();
+                let (state, why, since) = match health.state() {
+                    Some(state) => state,
+                    None if down => ("connect_failing", last_error.clone(), down_since),
+                    None => ("healthy", String::new(), 0.0),
+                };
                 (
                     key.clone(),
                     hostport.clone(),
@@ -326,9 +452,41 @@ impl Engine {
                     s.buckets.iter().map(|b| b.load(Relaxed)).collect(),
                     connected,
                     last_error,
+                    (state, why, since, health.ejections()),
                 )
             })
             .collect()
+    }
+
+    /// Rows of (NAMESPACE/NAME, counter, value): transparent_retries, retries,
+    /// retry_budget_exhausted, ejections, health_checks_passed, health_checks_failed.
+    fn failover_counters(&self) -> Vec<(String, &'static str, u64)> {
+        let services = self
+            .shared
+            .services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        services
+            .iter()
+            .flat_map(|(key, s)| {
+                s.counters
+                    .snapshot()
+                    .into_iter()
+                    .map(move |(name, n)| (key.clone(), name, n))
+            })
+            .collect()
+    }
+
+    /// The state changes since the last call, oldest first: (unix time, NAMESPACE/NAME or ""
+    /// for a connection-level change, HOST:PORT, state, why).
+    fn events(&self) -> Vec<Event> {
+        self.shared.events.drain()
+    }
+
+    /// State changes dropped because nobody read them in time.
+    #[getter]
+    fn events_dropped(&self) -> u64 {
+        self.shared.events.dropped.load(Relaxed)
     }
 
     /// (calls received, calls in flight, [(reason, calls the proxy ended itself)]).

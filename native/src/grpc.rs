@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
+pub const UNKNOWN: u32 = 2;
 pub const DEADLINE_EXCEEDED: u32 = 4;
 pub const RESOURCE_EXHAUSTED: u32 = 8;
 pub const UNAVAILABLE: u32 = 14;
@@ -53,6 +54,74 @@ pub fn status_headers(code: u32, message: &str) -> HeaderMap {
 pub fn status_of(headers: &HeaderMap) -> Option<&[u8]> {
     headers.get("grpc-status").map(HeaderValue::as_bytes)
 }
+
+/// A `grpc-status` value as a number (None when it is not one).
+pub fn parse_code(value: &[u8]) -> Option<u32> {
+    if value.is_empty() || value.len() > 3 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// "UNAVAILABLE: message" for the status in a header block, if it has one.
+pub fn status_text(headers: &HeaderMap) -> Option<String> {
+    let code = status_of(headers)?;
+    let name = match parse_code(code) {
+        Some(c) => CODE_NAMES.get(c as usize).copied().unwrap_or("UNKNOWN"),
+        None => "UNKNOWN",
+    };
+    let message = headers
+        .get("grpc-message")
+        .map(|m| percent_decode(m.as_bytes()))
+        .unwrap_or_default();
+    Some(if message.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}: {message}")
+    })
+}
+
+fn percent_decode(text: &[u8]) -> String {
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        let hex = text
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (text[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
 
 /// Follows gRPC length-prefixed message boundaries through a byte stream, without copying,
 /// to enforce a largest message size.
@@ -140,6 +209,17 @@ mod tests {
                 .or_else(|| small.feed(&stream[cut..]));
             assert_eq!(over, Some(10), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn codes_and_their_text() {
+        assert_eq!(parse_code(b"14"), Some(14));
+        assert_eq!(parse_code(b"-1"), None);
+        assert_eq!(parse_code(b""), None);
+        assert_eq!(parse_code(b"1234"), None);
+        let h = status_headers(14, "down 100%");
+        assert_eq!(status_text(&h).unwrap(), "UNAVAILABLE: down 100%");
+        assert_eq!(status_text(&HeaderMap::new()), None);
     }
 
     #[test]

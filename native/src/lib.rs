@@ -3,9 +3,12 @@
 use pyo3::prelude::*;
 
 mod engine;
+mod events;
 mod grpc;
+mod health;
 mod pool;
 mod proxy;
+mod retry;
 mod routing;
 mod stats;
 mod strategy;

@@ -8,7 +8,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::pin;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -22,7 +22,9 @@ use tokio::sync::watch;
 
 use crate::engine::Shared;
 use crate::grpc::{self, Meter};
-use crate::routing::Target;
+use crate::pool::Stream;
+use crate::retry::{self, RetryPolicy};
+use crate::routing::{Route, Target};
 use crate::stats::LocalError;
 use crate::workers::{self, WorkerCounters};
 
@@ -157,10 +159,36 @@ impl Front {
 enum Fail {
     /// The proxy answers with this status.
     Local(LocalError, u32, String),
-    /// The backend reset or lost the stream after the response began: reset the client's.
+    /// The backend reset the stream after the response began: reset the client's alike.
     Reset(Reason),
     /// The client reset the stream or went away: nobody to answer.
     ClientGone,
+}
+
+/// What one try says about its endpoint, for outlier detection.
+enum Verdict {
+    Good,
+    /// A failure that counts: connect failure, reset, lost connection, UNAVAILABLE, timeout.
+    Bad(String),
+    /// Nothing either way (the client went away, a message was too big).
+    Neutral,
+}
+
+/// How one try ended.
+enum Try {
+    /// The call is over: answered (true when OK), or failed and passed on.
+    Done(bool, Verdict),
+    /// The backend never got the call (no connection, GOAWAY, refused stream): it may be sent
+    /// again. `endpoint_failed`: the endpoint itself could not take it (try another).
+    Unprocessed {
+        why: String,
+        endpoint_failed: bool,
+    },
+    /// The backend answered Trailers-Only with this non-OK status; nothing reached the client.
+    Status(http::response::Parts, u32),
+    /// No response headers within the per-try timeout.
+    TimedOut,
+    Failed(Fail, Verdict),
 }
 
 /// Counts a call in flight for as long as it lives.
@@ -181,10 +209,9 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, respond: SendRe
         respond,
         stream: None,
     };
-    let (parts, body) = request.into_parts();
-    let authority = parts.uri.authority().map_or("", |a| a.as_str());
-    let routed = shared.route(authority, parts.uri.path());
-    let route = match routed {
+    let (head, body) = request.into_parts();
+    let authority = head.uri.authority().map_or("", |a| a.as_str());
+    let route = match shared.route(authority, head.uri.path()) {
         Ok((route, _)) => route,
         Err(message) => {
             shared.counters.error(LocalError::NoRoute);
@@ -192,191 +219,492 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, respond: SendRe
             return;
         }
     };
-    let target = match route.picker.pick() {
-        Ok(i) => &route.targets[i],
-        Err(message) => {
-            shared.counters.error(LocalError::NoBackend);
-            front.fail(grpc::UNAVAILABLE, &format!("weighbridge: {message}"));
-            return;
-        }
-    };
-    let stats = &target.stats;
-    stats.requests.fetch_add(1, Relaxed);
-    stats.in_flight.fetch_add(1, Relaxed);
-    let timeout = parts
+    let timeout = head
         .headers
         .get("grpc-timeout")
         .and_then(|v| grpc::parse_timeout(v.as_bytes()));
-    let forwarding = forward(
-        &shared,
-        target,
-        Request::from_parts(parts, ()),
-        body,
-        &mut front,
-    );
+    let mut last = None;
+    let serving = serve_call(&shared, &route, head, body, &mut front, &mut last, started);
     let outcome = match timeout {
-        None => forwarding.await,
-        Some(limit) => match tokio::time::timeout(limit, forwarding).await {
+        None => serving.await,
+        Some(limit) => match tokio::time::timeout(limit, serving).await {
             Ok(outcome) => outcome,
             Err(_) => Err(Fail::Local(
                 LocalError::DeadlineExceeded,
                 grpc::DEADLINE_EXCEEDED,
                 format!(
-                    "weighbridge: deadline of {}s exceeded waiting for {}",
+                    "weighbridge: deadline of {}s exceeded{}",
                     limit.as_secs_f64(),
-                    target.who
+                    last.map_or(String::new(), |i| format!(
+                        " waiting for {}",
+                        route.targets[i].who
+                    ))
                 ),
             )),
         },
     };
-    let ok = match outcome {
-        Ok(ok) => ok,
+    match outcome {
+        Ok(_) | Err(Fail::ClientGone) => {}
         Err(Fail::Local(reason, code, message)) => {
             shared.counters.error(reason);
             front.fail(code, &message);
-            false
         }
-        Err(Fail::Reset(reason)) => {
-            front.reset(reason);
-            false
-        }
-        Err(Fail::ClientGone) => false,
-    };
-    stats.in_flight.fetch_sub(1, Relaxed);
-    stats.observe(&shared.bounds_ns, started.elapsed(), ok);
+        Err(Fail::Reset(reason)) => front.reset(reason),
+    }
 }
 
-/// Carries one call to `target` and back; Ok(true) when the backend's status was OK.
-async fn forward(
+/// The call's tries, one after another, until one answers or none may follow; Ok(true) when
+/// the status passed on was OK. `last` is the index of the endpoint tried last.
+async fn serve_call(
+    shared: &Shared,
+    route: &Route,
+    mut head: http::request::Parts,
+    body: RecvStream,
+    front: &mut Front,
+    last: &mut Option<usize>,
+    started: Instant,
+) -> Result<bool, Fail> {
+    let retry = route.policy.retry.as_ref();
+    if retry.is_some() {
+        route.budget.deposit(retry::now_s(started));
+    }
+    let mut body = RequestBody::new(body, shared);
+    let (mut transparent, mut tries, mut avoid) = (0u32, 0u32, None);
+    loop {
+        let i = route.pick(avoid).map_err(|message| {
+            Fail::Local(
+                LocalError::NoBackend,
+                grpc::UNAVAILABLE,
+                format!("weighbridge: {message}"),
+            )
+        })?;
+        *last = Some(i);
+        let target = &route.targets[i];
+        let mut request = Request::new(());
+        *request.method_mut() = head.method.clone();
+        *request.uri_mut() = head.uri.clone();
+        *request.version_mut() = head.version;
+        *request.headers_mut() = head.headers.clone();
+        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let stats = &target.stats;
+        stats.requests.fetch_add(1, Relaxed);
+        stats.in_flight.fetch_add(1, Relaxed);
+        let began = Instant::now();
+        let outcome = try_once(shared, target, request, &mut body, front, per_try).await;
+        stats.in_flight.fetch_sub(1, Relaxed);
+        stats.observe(
+            &shared.bounds_ns,
+            began.elapsed(),
+            matches!(outcome, Try::Done(true, _)),
+        );
+        let verdict = match &outcome {
+            Try::Done(_, v) | Try::Failed(_, v) => v,
+            Try::Unprocessed {
+                why,
+                endpoint_failed: true,
+            } => &Verdict::Bad(why.clone()),
+            Try::Unprocessed { .. } => &Verdict::Neutral,
+            Try::Status(_, code) if *code == grpc::UNAVAILABLE => {
+                &Verdict::Bad("answered UNAVAILABLE".into())
+            }
+            Try::Status(..) => &Verdict::Good,
+            Try::TimedOut => &Verdict::Bad("per-try timeout".into()),
+        };
+        match verdict {
+            Verdict::Good => target.health.succeeded(),
+            Verdict::Bad(why) => target
+                .health
+                .failed(why, route.policy.outlier.as_ref(), || route.ejected_share()),
+            Verdict::Neutral => {}
+        }
+        let (status, code) = match outcome {
+            Try::Done(ok, _) => return Ok(ok),
+            Try::Failed(fail, _) => return Err(fail),
+            Try::Unprocessed {
+                why,
+                endpoint_failed,
+            } => {
+                if transparent < retry::TRANSPARENT_RETRIES && body.whole() {
+                    transparent += 1;
+                    route.counters.transparent_retries.fetch_add(1, Relaxed);
+                    avoid = endpoint_failed.then_some(i);
+                    continue;
+                }
+                let reason = if endpoint_failed {
+                    LocalError::ConnectFailed
+                } else {
+                    LocalError::BackendLost
+                };
+                return Err(Fail::Local(
+                    reason,
+                    grpc::UNAVAILABLE,
+                    format!("weighbridge: {}: {why}", target.who),
+                ));
+            }
+            Try::Status(status, code) => (Some(status), code),
+            Try::TimedOut => (None, grpc::UNAVAILABLE),
+        };
+        // Answered Trailers-Only, or timed out: nothing reached the client yet.
+        tries += 1;
+        let retried = retry.filter(|r| status.is_none() || r.retries(code));
+        if let Some(policy) = retried.filter(|r| tries < r.attempts && body.whole()) {
+            if route.budget.withdraw(retry::now_s(Instant::now()), policy) {
+                route.counters.retries.fetch_add(1, Relaxed);
+                let pause = pin!(tokio::time::sleep(policy.backoff(tries)));
+                tokio::select! {
+                    () = pause => {}
+                    _ = poll_fn(|cx| front.respond.poll_reset(cx)) => return Err(Fail::ClientGone),
+                }
+                head.headers
+                    .insert("grpc-previous-rpc-attempts", http::HeaderValue::from(tries));
+                avoid = Some(i);
+                continue;
+            }
+            route.counters.budget_exhausted.fetch_add(1, Relaxed);
+            let answered = match &status {
+                Some(s) => format!(
+                    "answered {}",
+                    grpc::status_text(&s.headers).unwrap_or_default()
+                ),
+                None => "did not answer within the per-try timeout".to_string(),
+            };
+            return Err(Fail::Local(
+                LocalError::RetryBudgetExhausted,
+                code,
+                format!(
+                    "weighbridge: not retried: the retry budget of Service {} ({}) is spent; \
+                     {} {answered}",
+                    route.key,
+                    policy.describe_budget(),
+                    target.who
+                ),
+            ));
+        }
+        return match status {
+            Some(status) => {
+                front
+                    .respond
+                    .send_response(Response::from_parts(status, ()), true)
+                    .map_err(|_| Fail::ClientGone)?;
+                Ok(false)
+            }
+            None => Err(Fail::Local(
+                LocalError::PerTryTimeout,
+                grpc::UNAVAILABLE,
+                format!(
+                    "weighbridge: {}: no response within the per-try timeout of {}s",
+                    target.who,
+                    per_try_secs(retry)
+                ),
+            )),
+        };
+    }
+}
+
+fn per_try_secs(retry: Option<&RetryPolicy>) -> f64 {
+    retry
+        .and_then(|r| r.per_try_timeout)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Whether a stream's error says the backend did not process it: it was above the last
+/// stream id of a GOAWAY, or refused.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_remote() && (e.is_go_away() || e.reason() == Some(Reason::REFUSED_STREAM))
+}
+
+/// Carries one try to `target` and, once it answers, back.
+async fn try_once(
     shared: &Shared,
     target: &Target,
     request: Request<()>,
-    mut body: RecvStream,
+    body: &mut RequestBody,
     front: &mut Front,
-) -> Result<bool, Fail> {
+    per_try: Option<Duration>,
+) -> Try {
     let lost = |e: String| {
-        Fail::Local(
-            LocalError::BackendLost,
-            grpc::UNAVAILABLE,
-            format!("weighbridge: {}: {e}", target.who),
-        )
-    };
-    // `_stream` counts the stream on its connection until this call is done.
-    let (sender, _stream) = target
-        .backend
-        .sender()
-        .await
-        .map_err(|e| {
+        Try::Failed(
             Fail::Local(
-                LocalError::ConnectFailed,
+                LocalError::BackendLost,
                 grpc::UNAVAILABLE,
                 format!("weighbridge: {}: {e}", target.who),
-            )
-        })?
-        .into_parts();
+            ),
+            Verdict::Bad(e),
+        )
+    };
+    // `stream` counts the stream on its connection until this try is done.
+    let (sender, stream) = match target.backend.sender().await {
+        Ok(lease) => lease.into_parts(),
+        Err(why) => {
+            return Try::Unprocessed {
+                why,
+                endpoint_failed: true,
+            }
+        }
+    };
     let mut sender_ready = pin!(sender.ready());
     // Waiting for a stream slot on the backend: the client may give up meanwhile.
     let ready = poll_fn(|cx| {
         if front.respond.poll_reset(cx).is_ready() {
-            return Poll::Ready(Err(Fail::ClientGone));
+            return Poll::Ready(None);
         }
-        sender_ready
-            .as_mut()
-            .poll(cx)
-            .map(|r| r.map_err(|e| lost(e.to_string())))
+        sender_ready.as_mut().poll(cx).map(Some)
     });
-    let mut sender = ready.await?;
-    let request_ends = body.is_end_stream();
-    let (response, mut upstream) = sender
-        .send_request(request, request_ends)
-        .map_err(|e| lost(e.to_string()))?;
+    let refused = |e: h2::Error| {
+        target.backend.draining(&stream, &e);
+        Try::Unprocessed {
+            why: e.to_string(),
+            endpoint_failed: false,
+        }
+    };
+    let mut sender = match ready.await {
+        Some(Ok(sender)) => sender,
+        Some(Err(e)) => return refused(e),
+        None => return Try::Failed(Fail::ClientGone, Verdict::Neutral),
+    };
+    let (response, mut upstream) = match sender.send_request(request, body.empty) {
+        Ok(pair) => pair,
+        Err(e) => return refused(e),
+    };
+    let committed = AtomicBool::new(false);
     let limit = shared.max_message_bytes;
 
-    // The request pipe runs until the client's half ends, alongside everything below.
-    let mut request_done = request_ends;
-    let mut request_pipe = pin!(async {
-        let trailers = pipe(&mut body, &mut upstream, limit).await?;
-        match trailers {
-            Some(t) => upstream.send_trailers(t).map_err(|_| PipeError::DstGone)?,
-            None => upstream
-                .send_data(Bytes::new(), true)
-                .map_err(|_| PipeError::DstGone)?,
-        }
-        Ok::<(), PipeError>(())
-    });
-    let on_request_end = |r: Result<(), PipeError>| -> Result<(), Fail> {
+    // The request runs until the client's half ends, alongside everything below.
+    let mut request_done = body.empty;
+    let mut request_pipe = pin!(body.send(&mut upstream, &committed));
+    let on_request_end = |r: Result<(), PipeError>| -> Result<(), Try> {
         match r {
             Ok(()) | Err(PipeError::DstGone) => Ok(()), // the backend's answer will tell
-            Err(PipeError::SrcGone(_)) => Err(Fail::ClientGone),
-            Err(PipeError::TooBig(size)) => Err(too_big(shared, "request", size)),
+            Err(PipeError::SrcGone(_)) => Err(Try::Failed(Fail::ClientGone, Verdict::Neutral)),
+            Err(PipeError::TooBig(size)) => Err(Try::Failed(
+                too_big(shared, "request", size),
+                Verdict::Neutral,
+            )),
         }
     };
 
-    // Phase 1: until the backend's response headers.
+    // Phase 1: until the backend's response headers (within the per-try timeout, if any).
     let mut response = pin!(response);
+    let mut per_try_timer = pin!(sleep_until_or_never(
+        per_try.map(|d| tokio::time::Instant::now() + d)
+    ));
     let response = loop {
         tokio::select! {
             r = &mut request_pipe, if !request_done => {
                 request_done = true;
-                on_request_end(r)?;
+                if let Err(t) = on_request_end(r) {
+                    return t;
+                }
             }
             r = &mut response => break r,
-            _ = poll_fn(|cx| front.respond.poll_reset(cx)) => return Err(Fail::ClientGone),
+            _ = poll_fn(|cx| front.respond.poll_reset(cx)) => {
+                return Try::Failed(Fail::ClientGone, Verdict::Neutral);
+            }
+            () = &mut per_try_timer => return Try::TimedOut,
         }
     };
-    let response = response.map_err(|e| match e.reason() {
-        Some(reason) if e.is_remote() => Fail::Local(
-            LocalError::BackendReset,
-            grpc::UNAVAILABLE,
-            format!("weighbridge: {} reset the stream ({reason:?})", target.who),
-        ),
-        _ => lost(e.to_string()),
-    })?;
+    let response = match response {
+        Ok(response) => response,
+        Err(e) if unprocessed(&e) => {
+            return Try::Unprocessed {
+                why: format!("did not process the call: {e}"),
+                endpoint_failed: false,
+            }
+        }
+        Err(e) => match e.reason() {
+            Some(reason) if e.is_remote() => {
+                let why = format!("reset the stream ({reason:?})");
+                return Try::Failed(
+                    Fail::Local(
+                        LocalError::BackendReset,
+                        grpc::UNAVAILABLE,
+                        format!("weighbridge: {} {why}", target.who),
+                    ),
+                    Verdict::Bad(why),
+                );
+            }
+            _ => return lost(e.to_string()),
+        },
+    };
+    stream.progressed();
     let (head, mut downstream_body) = response.into_parts();
     let response_ends = downstream_body.is_end_stream();
-    let trailers_only_ok = response_ends && grpc::status_of(&head.headers) == Some(b"0");
-    let stream = front
+    if response_ends {
+        // Trailers-Only: the status is in these headers.
+        match grpc::status_of(&head.headers).map(grpc::parse_code) {
+            Some(Some(0)) => {}
+            Some(Some(code)) => return Try::Status(head, code),
+            _ => return Try::Status(head, grpc::UNKNOWN),
+        }
+    }
+    committed.store(true, Relaxed);
+    let stream_out = match front
         .respond
         .send_response(Response::from_parts(head, ()), response_ends)
-        .map_err(|_| Fail::ClientGone)?;
+    {
+        Ok(s) => s,
+        Err(_) => return Try::Failed(Fail::ClientGone, Verdict::Good),
+    };
     if response_ends {
-        return Ok(trailers_only_ok); // Trailers-Only: the status was in those headers
+        return Try::Done(true, Verdict::Good);
     }
-    let downstream = front.stream.insert(stream);
+    let downstream = front.stream.insert(stream_out);
 
     // Phase 2: the response body and trailers, while the request may still be streaming.
     let trailers = {
-        let mut response_pipe = pin!(pipe(&mut downstream_body, downstream, limit));
+        let mut response_pipe = pin!(pipe(&mut downstream_body, downstream, limit, Some(&stream)));
         loop {
             tokio::select! {
                 r = &mut request_pipe, if !request_done => {
                     request_done = true;
-                    on_request_end(r)?;
+                    if let Err(t) = on_request_end(r) {
+                        return t;
+                    }
                 }
                 r = &mut response_pipe => break r,
             }
         }
     };
-    let trailers = trailers.map_err(|e| match e {
-        PipeError::SrcGone(reason) => Fail::Reset(reason),
-        PipeError::DstGone => Fail::ClientGone,
-        PipeError::TooBig(size) => too_big(shared, "response", size),
-    })?;
-    let downstream = front.stream.as_mut().expect("response started");
-    let ok = match trailers {
-        Some(t) => {
-            let ok = grpc::status_of(&t) == Some(b"0");
-            downstream.send_trailers(t).map_err(|_| Fail::ClientGone)?;
-            ok
+    let trailers = match trailers {
+        Ok(t) => t,
+        Err(PipeError::SrcGone(Some(reason))) => {
+            return Try::Failed(
+                Fail::Reset(reason),
+                Verdict::Bad(format!("reset the stream ({reason:?})")),
+            )
         }
-        None => {
-            downstream
-                .send_data(Bytes::new(), true)
-                .map_err(|_| Fail::ClientGone)?;
-            false
+        // The backend's connection broke mid-call: UNAVAILABLE, not a reset (which clients
+        // would read as CANCELLED, their own cancellation).
+        Err(PipeError::SrcGone(None)) => return lost("connection lost mid-call".into()),
+        Err(PipeError::DstGone) => return Try::Failed(Fail::ClientGone, Verdict::Neutral),
+        Err(PipeError::TooBig(size)) => {
+            return Try::Failed(too_big(shared, "response", size), Verdict::Neutral)
         }
     };
-    Ok(ok)
+    let downstream = front.stream.as_mut().expect("response started");
+    let (ok, verdict) = match trailers {
+        Some(t) => {
+            let code = grpc::status_of(&t).and_then(grpc::parse_code);
+            let verdict = if code == Some(grpc::UNAVAILABLE) {
+                Verdict::Bad("answered UNAVAILABLE".into())
+            } else {
+                Verdict::Good
+            };
+            if downstream.send_trailers(t).is_err() {
+                return Try::Failed(Fail::ClientGone, verdict);
+            }
+            (code == Some(0), verdict)
+        }
+        None => {
+            if downstream.send_data(Bytes::new(), true).is_err() {
+                return Try::Failed(Fail::ClientGone, Verdict::Neutral);
+            }
+            (false, Verdict::Good)
+        }
+    };
+    Try::Done(ok, verdict)
+}
+
+/// The client's request body, kept (up to the retry buffer) until the response begins, so
+/// that a try that did not reach a backend, or that a retry policy retries, can be sent again.
+struct RequestBody {
+    body: RecvStream,
+    /// The request ended with its headers.
+    empty: bool,
+    kept: Vec<Bytes>,
+    kept_bytes: usize,
+    limit: usize,
+    /// The client's half ended, with these trailers (if any).
+    ended: Option<Option<HeaderMap>>,
+    /// All that the client sent so far is in `kept`.
+    whole: bool,
+    meter: Meter,
+}
+
+impl RequestBody {
+    fn new(body: RecvStream, shared: &Shared) -> Self {
+        RequestBody {
+            empty: body.is_end_stream(),
+            body,
+            kept: Vec::new(),
+            kept_bytes: 0,
+            limit: shared.retry_buffer_bytes,
+            ended: None,
+            whole: true,
+            meter: Meter::new(shared.max_message_bytes),
+        }
+    }
+
+    /// Whether the request can be sent again.
+    fn whole(&self) -> bool {
+        self.whole
+    }
+
+    fn forget(&mut self) {
+        self.whole = false;
+        self.kept = Vec::new();
+    }
+
+    /// Sends the request on one try's stream: what was kept, then what the client sends
+    /// next. Stops keeping once the response has begun (`committed`).
+    async fn send(
+        &mut self,
+        dst: &mut SendStream<Bytes>,
+        committed: &AtomicBool,
+    ) -> Result<(), PipeError> {
+        if self.empty {
+            return Ok(());
+        }
+        for i in 0..self.kept.len() {
+            send_all(dst, self.kept[i].clone()).await?;
+        }
+        loop {
+            if let Some(trailers) = &self.ended {
+                return match trailers {
+                    Some(t) => dst.send_trailers(t.clone()),
+                    None => dst.send_data(Bytes::new(), true),
+                }
+                .map_err(|_| PipeError::DstGone);
+            }
+            let body = &mut self.body;
+            let next = poll_fn(|cx| {
+                if dst.poll_reset(cx).is_ready() {
+                    return Poll::Ready(Err(PipeError::DstGone));
+                }
+                body.poll_data(cx).map(Ok)
+            })
+            .await?;
+            let data = match next {
+                Some(Ok(data)) => data,
+                Some(Err(e)) => return Err(src_gone(e)),
+                None => {
+                    let trailers = poll_fn(|cx| self.body.poll_trailers(cx))
+                        .await
+                        .map_err(src_gone)?;
+                    self.ended = Some(trailers);
+                    continue;
+                }
+            };
+            if let Some(size) = self.meter.feed(&data) {
+                return Err(PipeError::TooBig(size));
+            }
+            let len = data.len();
+            if self.whole && (committed.load(Relaxed) || self.kept_bytes + len > self.limit) {
+                self.forget();
+            }
+            if self.whole {
+                // Kept, so its window can go back to the client at once.
+                self.kept_bytes += len;
+                self.kept.push(data.clone());
+                let _ = self.body.flow_control().release_capacity(len);
+                send_all(dst, data).await?;
+            } else {
+                send_all(dst, data).await?;
+                // Window goes back to the sender only now that the bytes have left.
+                let _ = self.body.flow_control().release_capacity(len);
+            }
+        }
+    }
 }
 
 fn too_big(shared: &Shared, direction: &str, size: usize) -> Fail {
@@ -392,27 +720,52 @@ fn too_big(shared: &Shared, direction: &str, size: usize) -> Fail {
 }
 
 enum PipeError {
-    /// The sending side reset the stream or lost its connection (with the reason to pass on).
-    SrcGone(Reason),
+    /// The sending side reset the stream (with its reason, to pass on) or lost its connection
+    /// (None).
+    SrcGone(Option<Reason>),
     /// The receiving side reset the stream or went away.
     DstGone,
     TooBig(usize),
 }
 
-/// Forwards DATA from `src` to `dst` until `src` ends; returns its trailers, if any.
+fn src_gone(e: h2::Error) -> PipeError {
+    PipeError::SrcGone(e.reason().filter(|_| e.is_remote() && e.is_reset()))
+}
+
+/// Sends `data` within `dst`'s flow-control window, waiting for window as needed.
+async fn send_all(dst: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), PipeError> {
+    while !data.is_empty() {
+        dst.reserve_capacity(data.len());
+        let granted = poll_fn(|cx| {
+            if dst.capacity() > 0 {
+                return Poll::Ready(Ok(dst.capacity()));
+            }
+            match dst.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(n))) => Poll::Ready(Ok(n)),
+                Poll::Ready(_) => Poll::Ready(Err(PipeError::DstGone)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        if granted == 0 {
+            continue;
+        }
+        let chunk = data.split_to(granted.min(data.len()));
+        dst.send_data(chunk, false)
+            .map_err(|_| PipeError::DstGone)?;
+    }
+    Ok(())
+}
+
+/// Forwards DATA from `src` to `dst` until `src` ends; returns its trailers, if any. Each
+/// frame from a backend marks its connection alive (`progress`).
 async fn pipe(
     src: &mut RecvStream,
     dst: &mut SendStream<Bytes>,
     limit: usize,
+    progress: Option<&Stream>,
 ) -> Result<Option<HeaderMap>, PipeError> {
     let mut meter = Meter::new(limit);
-    let src_gone = |e: h2::Error| {
-        PipeError::SrcGone(
-            e.reason()
-                .filter(|_| e.is_remote())
-                .unwrap_or(Reason::CANCEL),
-        )
-    };
     loop {
         // Next data, noticing at once if the receiver resets meanwhile.
         let next = poll_fn(|cx| {
@@ -422,35 +775,19 @@ async fn pipe(
             src.poll_data(cx).map(Ok)
         })
         .await?;
-        let mut data = match next {
+        let data = match next {
             Some(Ok(data)) => data,
             Some(Err(e)) => return Err(src_gone(e)),
             None => break,
         };
+        if let Some(p) = progress {
+            p.progressed();
+        }
         if let Some(size) = meter.feed(&data) {
             return Err(PipeError::TooBig(size));
         }
         let len = data.len();
-        while !data.is_empty() {
-            dst.reserve_capacity(data.len());
-            let granted = poll_fn(|cx| {
-                if dst.capacity() > 0 {
-                    return Poll::Ready(Ok(dst.capacity()));
-                }
-                match dst.poll_capacity(cx) {
-                    Poll::Ready(Some(Ok(n))) => Poll::Ready(Ok(n)),
-                    Poll::Ready(_) => Poll::Ready(Err(PipeError::DstGone)),
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await?;
-            if granted == 0 {
-                continue;
-            }
-            let chunk = data.split_to(granted.min(data.len()));
-            dst.send_data(chunk, false)
-                .map_err(|_| PipeError::DstGone)?;
-        }
+        send_all(dst, data).await?;
         // Window goes back to the sender only now that the bytes have left.
         let _ = src.flow_control().release_capacity(len);
     }

@@ -9,15 +9,43 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::health::{Health, OutlierPolicy};
 use crate::pool::Backend;
+use crate::retry::{Budget, RetryPolicy, ServiceCounters};
 use crate::stats::Stats;
 use crate::strategy::Picker;
 
 pub struct Target {
     pub backend: Arc<Backend>,
     pub stats: Arc<Stats>,
+    pub health: Arc<Health>,
     /// "backend HOST:PORT (Service NS/NAME, pod POD)", for error messages.
     pub who: String,
+}
+
+impl Target {
+    /// Can take a call: connected or connectable, not ejected, not failing health checks.
+    #[inline]
+    pub fn available(&self) -> bool {
+        !self.backend.is_down() && self.health.available()
+    }
+
+    /// (state, why) when it cannot take calls.
+    pub fn unavailable(&self) -> Option<(&'static str, String)> {
+        if let Some((state, why, _)) = self.health.state() {
+            return Some((state, why));
+        }
+        let (_, why, down, _) = self.backend.status();
+        down.then_some(("connect_failing", why))
+    }
+}
+
+/// A Service's failover settings (docs/annotations.md).
+pub struct Policy {
+    pub retry: Option<RetryPolicy>,
+    pub outlier: Option<OutlierPolicy>,
+    /// Percent: when fewer of the endpoints can take calls, calls spread over all of them.
+    pub panic_threshold: u32,
 }
 
 pub struct Route {
@@ -25,6 +53,73 @@ pub struct Route {
     pub key: String,
     pub targets: Vec<Target>,
     pub picker: Picker,
+    pub policy: Policy,
+    /// Per Service; they outlive set updates.
+    pub budget: Arc<Budget>,
+    pub counters: Arc<ServiceCounters>,
+}
+
+impl Route {
+    /// The endpoint for this call: the strategy's pick among the endpoints that can take it,
+    /// avoiding `avoid` (where the call just failed) when another can. Skipping keeps each
+    /// strategy's proportions among the rest (a rotation moves on, a random draw is drawn
+    /// again). Below the panic threshold, the pick is the strategy's among all endpoints.
+    pub fn pick(&self, avoid: Option<usize>) -> Result<usize, String> {
+        let first = self.picker.pick()?;
+        if Some(first) != avoid && self.targets[first].available() {
+            return Ok(first); // the usual case: one pick, two loads
+        }
+        let n = self.targets.len();
+        let available = self.targets.iter().filter(|t| t.available()).count();
+        let panic = (available * 100) < (self.policy.panic_threshold as usize * n);
+        let usable = |i: usize| Some(i) != avoid && (panic || self.targets[i].available());
+        if usable(first) {
+            return Ok(first);
+        }
+        // A rotation reaches every endpoint within n picks; a weighted one almost surely.
+        for _ in 0..n.max(4) {
+            let i = self.picker.pick()?;
+            if usable(i) {
+                return Ok(i);
+            }
+        }
+        let start = fastrand::usize(..n);
+        if let Some(i) = (0..n).map(|k| (start + k) % n).find(|&i| usable(i)) {
+            return Ok(i);
+        }
+        match avoid {
+            // The only endpoint left is the one that just failed: better it than nothing.
+            Some(i) if n == 1 || panic || self.targets[i].available() => Ok(i),
+            _ => Err(self.none_available()),
+        }
+    }
+
+    /// Why no endpoint can take a call (below a panic threshold of 0).
+    fn none_available(&self) -> String {
+        let mut why: Vec<String> = self
+            .targets
+            .iter()
+            .take(5)
+            .map(|t| match t.unavailable() {
+                Some((state, reason)) => format!("{} {state}: {reason}", t.backend.hostport),
+                None => format!("{} healthy", t.backend.hostport),
+            })
+            .collect();
+        if self.targets.len() > 5 {
+            why.push(format!("and {} more", self.targets.len() - 5));
+        }
+        format!(
+            "no endpoint of Service {} can take calls ({})",
+            self.key,
+            why.join("; ")
+        )
+    }
+
+    /// (ejected, all) endpoints, for outlier detection's maximum share.
+    pub fn ejected_share(&self) -> (usize, usize) {
+        let ejected = self.targets.iter().filter(|t| t.health.ejected()).count();
+        (ejected, self.targets.len())
+    }
 }
 
 #[derive(Default)]

@@ -51,10 +51,12 @@ pub enum LocalError {
     BackendLost,
     MessageTooBig,
     DeadlineExceeded,
+    RetryBudgetExhausted,
+    PerTryTimeout,
 }
 
 impl LocalError {
-    pub const ALL: [LocalError; 7] = [
+    pub const ALL: [LocalError; 9] = [
         LocalError::NoRoute,
         LocalError::NoBackend,
         LocalError::ConnectFailed,
@@ -62,6 +64,8 @@ impl LocalError {
         LocalError::BackendLost,
         LocalError::MessageTooBig,
         LocalError::DeadlineExceeded,
+        LocalError::RetryBudgetExhausted,
+        LocalError::PerTryTimeout,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +77,8 @@ impl LocalError {
             LocalError::BackendLost => "backend_lost",
             LocalError::MessageTooBig => "message_too_big",
             LocalError::DeadlineExceeded => "deadline_exceeded",
+            LocalError::RetryBudgetExhausted => "retry_budget_exhausted",
+            LocalError::PerTryTimeout => "per_try_timeout",
         }
     }
 }
