@@ -28,7 +28,7 @@ from fractions import Fraction
 from typing import Final
 
 from controlplane.errors import AnnotationError
-from weighbridge.model import STRATEGIES
+from weighbridge.model import STRATEGIES, is_grpc_service_name
 
 PREFIX: Final = "weighbridge.io/"
 STRATEGY: Final = PREFIX + "strategy"
@@ -49,7 +49,6 @@ _LABEL_KEY = re.compile(
 )
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_GRPC_SERVICE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _SET_REQ = re.compile(r"^(?P<key>\S+)\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)$")
 
 
@@ -142,7 +141,7 @@ def parse_service(annotations: Mapping[str, str]) -> ServiceSpec:
 def parse_grpc_services(text: str) -> tuple[str, ...]:
     names = [n.strip() for n in re.split(r"[,\s]+", text) if n.strip()]
     for n in names:
-        if not _GRPC_SERVICE.match(n):
+        if not is_grpc_service_name(n):
             raise AnnotationError(
                 "InvalidGrpcServices",
                 f"{GRPC_SERVICES}: {n!r} is not a fully qualified gRPC service name "

@@ -6,6 +6,7 @@ A :class:`BackendSet` is an immutable value: writers build a new one, readers sw
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -21,6 +22,13 @@ STRATEGIES: Final = ("round_robin", "random", "weighted_round_robin", "weighted_
 """Strategy names every proxy of this version understands."""
 
 MAX_WEIGHT: Final = 2**32 - 1
+
+_GRPC_SERVICE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def is_grpc_service_name(name: str) -> bool:
+    """Whether ``name`` is a fully qualified gRPC service name, like ``helloworld.Greeter``."""
+    return _GRPC_SERVICE_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True, slots=True)
