@@ -9,6 +9,10 @@ Service annotations::
       pod/api-7c9d-x2k4q: 3
     weighbridge.io/port: grpc                       # optional: Service port name or number
     weighbridge.io/grpc-services: helloworld.Greeter, grpc.health.v1.Health   # optional
+    weighbridge.io/retry: "on: unavailable; attempts: 3"          # optional failover policies,
+    weighbridge.io/outlier-detection: "consecutive-failures: 3"   # see weighbridge.policy
+    weighbridge.io/health-check: "service: helloworld.Greeter"
+    weighbridge.io/panic-threshold: 50%
 
 Pod annotation::
 
@@ -28,6 +32,7 @@ from fractions import Fraction
 from typing import Final
 
 from controlplane.errors import AnnotationError
+from weighbridge import policy
 from weighbridge.model import STRATEGIES, is_grpc_service_name
 
 PREFIX: Final = "weighbridge.io/"
@@ -36,6 +41,18 @@ WEIGHTS: Final = PREFIX + "weights"
 PORT: Final = PREFIX + "port"
 GRPC_SERVICES: Final = PREFIX + "grpc-services"
 POD_WEIGHT: Final = PREFIX + "weight"
+RETRY: Final = PREFIX + policy.RETRY
+OUTLIER_DETECTION: Final = PREFIX + policy.OUTLIER_DETECTION
+HEALTH_CHECK: Final = PREFIX + policy.HEALTH_CHECK
+PANIC_THRESHOLD: Final = PREFIX + policy.PANIC_THRESHOLD
+
+POLICIES: Final = {
+    RETRY: (policy.RETRY, "InvalidRetry"),
+    OUTLIER_DETECTION: (policy.OUTLIER_DETECTION, "InvalidOutlierDetection"),
+    HEALTH_CHECK: (policy.HEALTH_CHECK, "InvalidHealthCheck"),
+    PANIC_THRESHOLD: (policy.PANIC_THRESHOLD, "InvalidPanicThreshold"),
+}
+"""Failover policy annotation → (its ``BackendSet.options`` key, the Event reason of an error)."""
 
 MAX_WEIGHT: Final = 1_000_000
 """Largest per-pod weight a human may write; far beyond any sensible ratio, small enough that
@@ -109,6 +126,9 @@ class ServiceSpec:
     weights: WeightSpec
     port: str | None
     grpc_services: tuple[str, ...]
+    options: Mapping[str, str] = field(default_factory=dict)
+    """The failover policies the Service sets, as ``BackendSet.options``: option key → canonical
+    text (:mod:`weighbridge.policy`); a policy it does not set is absent (its default)."""
 
 
 def opted_in(annotations: Mapping[str, str] | None) -> bool:
@@ -135,7 +155,22 @@ def parse_service(annotations: Mapping[str, str]) -> ServiceSpec:
         weights=weights,
         port=port,
         grpc_services=parse_grpc_services(annotations.get(GRPC_SERVICES, "")),
+        options=parse_policies(annotations),
     )
+
+
+def parse_policies(annotations: Mapping[str, str]) -> dict[str, str]:
+    """The failover policy annotations present, validated, as canonical option texts."""
+    options: dict[str, str] = {}
+    for annotation, (key, reason) in POLICIES.items():
+        text = annotations.get(annotation)
+        if text is None:
+            continue
+        try:
+            options[key] = policy.canonical_option(key, text)
+        except ValueError as exc:
+            raise AnnotationError(reason, f"{annotation}: {exc}") from exc
+    return options
 
 
 def parse_grpc_services(text: str) -> tuple[str, ...]:

@@ -239,6 +239,7 @@ def build_backend_set(
             for e, w in zip(raw, weights, strict=True)
         ),
         generation=generation,
+        options=dict(spec.options),
         grpc_services=spec.grpc_services,
         source=source,
         built_unix_nanos=built_unix_nanos,

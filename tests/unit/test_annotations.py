@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from controlplane.annotations import (
     parse_grpc_services,
     parse_pod_weight,
+    parse_policies,
     parse_selector,
     parse_service,
     parse_weights,
@@ -118,6 +119,64 @@ def test_pod_weight() -> None:
     assert parse_pod_weight("p", None) is None
 
 
+def test_failover_policies_become_canonical_options() -> None:
+    spec = parse_service(
+        {
+            "weighbridge.io/strategy": "round_robin",
+            "weighbridge.io/retry": "on: UNAVAILABLE, resource-exhausted\nattempts: 3  # at most\n",
+            "weighbridge.io/outlier-detection": "off",
+            "weighbridge.io/health-check": "on",
+            "weighbridge.io/panic-threshold": " 25% ",
+        }
+    )
+    assert spec.options == {
+        "retry": "on: resource-exhausted, unavailable; attempts: 3; backoff: 25ms..250ms; "
+        "budget: 20% + 10/s",
+        "outlier-detection": "off",
+        "health-check": "interval: 5s; timeout: 1s; unhealthy-threshold: 3; healthy-threshold: 2",
+        "panic-threshold": "25%",
+    }
+
+
+def test_absent_policies_are_absent_options() -> None:
+    assert parse_service({"weighbridge.io/strategy": "random"}).options == {}
+    assert parse_policies({"weighbridge.io/panic-threshold": "0%"}) == {"panic-threshold": "0%"}
+
+
+@pytest.mark.parametrize(
+    ("annotation", "text", "reason", "message"),
+    [
+        ("retry", "attempts: 3", "InvalidRetry", "weighbridge.io/retry: 'on' is required"),
+        ("retry", "on: ok", "InvalidRetry", "weighbridge.io/retry: on: 'ok' is OK"),
+        (
+            "outlier-detection",
+            "max-ejected: 200%",
+            "InvalidOutlierDetection",
+            "weighbridge.io/outlier-detection: max-ejected: 200% is not from 0% to 100%",
+        ),
+        (
+            "health-check",
+            "interval: 5",
+            "InvalidHealthCheck",
+            "weighbridge.io/health-check: interval: '5' is not a duration",
+        ),
+        (
+            "panic-threshold",
+            "half",
+            "InvalidPanicThreshold",
+            "weighbridge.io/panic-threshold: 'half' is not a whole percentage (like 10%)",
+        ),
+    ],
+)
+def test_bad_policies_are_annotation_errors_naming_the_annotation(
+    annotation: str, text: str, reason: str, message: str
+) -> None:
+    with pytest.raises(AnnotationError) as info:
+        parse_service({"weighbridge.io/strategy": "random", f"weighbridge.io/{annotation}": text})
+    assert info.value.reason == reason
+    assert info.value.message.startswith(message), info.value.message
+
+
 ALPHABET = st.sampled_from(
     list("av1=!,:%;#*() \n/.-_0123456789pod") + ["pod/", "in", "notin", "version"]
 )
@@ -147,6 +206,10 @@ def test_fuzz_weights_parser_only_raises_annotation_errors(text: str) -> None:
                 "weighbridge.io/weights",
                 "weighbridge.io/port",
                 "weighbridge.io/grpc-services",
+                "weighbridge.io/retry",
+                "weighbridge.io/outlier-detection",
+                "weighbridge.io/health-check",
+                "weighbridge.io/panic-threshold",
                 "other",
             ]
         ),

@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.annotations import parse_weights
+from controlplane.annotations import parse_service, parse_weights
 from controlplane.building import (
     RawEndpoint,
     assign_weights,
+    build_backend_set,
     endpoints_from_slices,
     select_port,
 )
@@ -161,3 +162,24 @@ def test_port_selection() -> None:
     three = {"spec": {"ports": [{"name": "a", "port": 1}, {"name": "b", "port": 2}]}}
     with pytest.raises(AnnotationError, match=r"weighbridge\.io/port"):
         select_port(three, None)
+
+
+def test_failover_policies_go_into_the_sets_options_only_when_annotated() -> None:
+    def built(annotations: dict[str, str]) -> dict[str, str]:
+        service = {"metadata": {"namespace": "ns", "name": "svc", "annotations": annotations}}
+        backend_set = build_backend_set(
+            service=service,
+            spec=parse_service({"weighbridge.io/strategy": "round_robin", **annotations}),
+            raw=[raw(0)],
+            pods={},
+            source="endpointslices",
+            generation=1,
+            built_unix_nanos=0,
+        )
+        return dict(backend_set.options)
+
+    assert built({}) == {}
+    assert built({"weighbridge.io/retry": "on: 14", "weighbridge.io/panic-threshold": "10%"}) == {
+        "retry": "on: unavailable; attempts: 2; backoff: 25ms..250ms; budget: 20% + 10/s",
+        "panic-threshold": "10%",
+    }
