@@ -4,6 +4,10 @@ Every call answers with response header ``x-backend: NAME`` and records what it 
 can check what went through the proxy. Request metadata steers it:
 ``x-status``/``x-details`` end the call with that status (and a binary
 ``grpc-status-details-bin`` trailer); ``x-sleep`` sleeps that many seconds first.
+
+Backend-wide: ``fail`` answers every call at once with that status and no response headers
+(Trailers-Only, as a failing gRPC server does); ``health`` serves ``grpc.health.v1`` whose
+status tests set; ``options`` are gRPC server options (e.g. ``grpc.max_connection_age_ms``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class EchoBackend:
     in_flight: int = 0
     server: grpc.aio.Server | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    fail: grpc.StatusCode | None = None
+    health: Any = None
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def hostport(self) -> str:
@@ -46,9 +53,14 @@ class EchoBackend:
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),
+                *self.options,
             ]
         )
         self.server.add_generic_rpc_handlers((_Handler(self),))
+        if self.health is not None:
+            from grpc_health.v1 import health_pb2_grpc
+
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(f"{self.host}:{port}")
         await self.server.start()
 
@@ -67,6 +79,11 @@ class _Handler(grpc.GenericRpcHandler):
 
         async def begin(context: grpc.aio.ServicerContext) -> Seen:
             b.calls += 1
+            if b.fail is not None:
+                b.seen.append(
+                    Seen({m.key: m.value for m in context.invocation_metadata() or ()}, None)
+                )
+                await context.abort(b.fail, f"{b.name} fails every call")
             md = {m.key: m.value for m in context.invocation_metadata() or ()}
             seen = Seen(md, context.time_remaining())
             b.seen.append(seen)

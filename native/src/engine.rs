@@ -338,6 +338,7 @@ impl Engine {
         let route = Route {
             key,
             targets,
+            weights,
             picker,
             policy,
             budget: Arc::clone(&service.budget),

@@ -420,6 +420,22 @@ impl Backend {
         }
     }
 
+    /// A backend with no pool around it, to test what builds on backends.
+    #[cfg(test)]
+    pub fn detached(hostport: &str) -> Arc<Self> {
+        let tuning = Tuning {
+            handshake_timeout: Duration::from_secs(1),
+            keepalive_time: None,
+            keepalive_timeout: Duration::from_secs(1),
+        };
+        Arc::new(Backend::new(hostport.into(), 1, 1, tuning, Arc::default()))
+    }
+
+    #[cfg(test)]
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Relaxed);
+    }
+
     /// Out of every set. Calls that picked it (even a moment ago, on another thread) still use
     /// its connections; once the last route and call holding the backend let go, the backend
     /// is dropped with its connection handles, and h2 closes each connection after its streams.

@@ -52,6 +52,8 @@ pub struct Route {
     /// NAMESPACE/NAME
     pub key: String,
     pub targets: Vec<Target>,
+    /// The targets' weights, for picks among a subset.
+    pub weights: Vec<u32>,
     pub picker: Picker,
     pub policy: Policy,
     /// Per Service; they outlive set updates.
@@ -83,9 +85,19 @@ impl Route {
                 return Ok(i);
             }
         }
-        let start = fastrand::usize(..n);
-        if let Some(i) = (0..n).map(|k| (start + k) % n).find(|&i| usable(i)) {
-            return Ok(i);
+        // Rare (most of the weight cannot take calls): a weighted draw among those that can.
+        let total: u64 = (0..n)
+            .filter(|&i| usable(i))
+            .map(|i| u64::from(self.weights[i]))
+            .sum();
+        if total > 0 {
+            let mut draw = fastrand::u64(..total);
+            for i in (0..n).filter(|&i| usable(i)) {
+                match draw.checked_sub(u64::from(self.weights[i])) {
+                    Some(rest) => draw = rest,
+                    None => return Ok(i),
+                }
+            }
         }
         match avoid {
             // The only endpoint left is the one that just failed: better it than nothing.
@@ -227,6 +239,97 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::Events;
+    use crate::health::Owner;
+
+    fn route(strategy: &str, weights: &[u32], panic_threshold: u32) -> Route {
+        let counters = Arc::new(ServiceCounters::default());
+        let targets = (0..weights.len())
+            .map(|i| {
+                let hostport = format!("10.0.0.{i}:80");
+                Target {
+                    backend: Backend::detached(&hostport),
+                    stats: Arc::new(Stats::new(0)),
+                    health: Arc::new(Health::new(Owner {
+                        service: "ns/a".into(),
+                        hostport: hostport.clone(),
+                        events: Arc::new(Events::default()),
+                        counters: Arc::clone(&counters),
+                    })),
+                    who: hostport,
+                }
+            })
+            .collect();
+        Route {
+            key: "ns/a".into(),
+            targets,
+            weights: weights.to_vec(),
+            picker: Picker::build(strategy, weights, 0, "empty".into()).unwrap(),
+            policy: Policy {
+                retry: None,
+                outlier: None,
+                panic_threshold,
+            },
+            budget: Arc::default(),
+            counters,
+        }
+    }
+
+    fn shares(r: &Route, picks: usize) -> Vec<usize> {
+        let mut n = vec![0; r.targets.len()];
+        for _ in 0..picks {
+            n[r.pick(None).unwrap()] += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn picks_skip_endpoints_that_cannot_take_calls_and_keep_proportions() {
+        let r = route("round_robin", &[1, 1, 1, 1], 50);
+        r.targets[1].backend.set_down(true);
+        assert_eq!(shares(&r, 300), [100, 0, 100, 100]);
+
+        let r = route("weighted_round_robin", &[1, 2, 3, 4], 50);
+        r.targets[3].backend.set_down(true);
+        assert_eq!(shares(&r, 600), [100, 200, 300, 0], "1:2:3 among the rest");
+
+        let r = route("weighted_random", &[1, 3, 6], 50);
+        r.targets[2].backend.set_down(true);
+        let n = shares(&r, 40_000);
+        assert_eq!(n[2], 0);
+        let ratio = n[1] as f64 / n[0] as f64;
+        assert!((2.7..3.3).contains(&ratio), "{n:?}");
+    }
+
+    #[test]
+    fn below_the_panic_threshold_every_endpoint_is_picked() {
+        let r = route("round_robin", &[1, 1, 1], 50);
+        r.targets[0].backend.set_down(true);
+        r.targets[1].backend.set_down(true);
+        assert_eq!(shares(&r, 300), [100, 100, 100], "1 of 3 is under 50%");
+        let r = route("round_robin", &[1, 1, 1], 0);
+        r.targets[0].backend.set_down(true);
+        r.targets[1].backend.set_down(true);
+        assert_eq!(shares(&r, 300), [0, 0, 300]);
+        r.targets[2].backend.set_down(true);
+        let e = r.pick(None).unwrap_err();
+        assert!(
+            e.starts_with(
+                "no endpoint of Service ns/a can take calls (10.0.0.0:80 connect_failing"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_retry_avoids_the_endpoint_that_failed_unless_it_is_the_only_one() {
+        let r = route("random", &[1, 1], 50);
+        for _ in 0..50 {
+            assert_eq!(r.pick(Some(0)), Ok(1));
+        }
+        let r = route("random", &[1], 50);
+        assert_eq!(r.pick(Some(0)), Ok(0));
+    }
 
     #[test]
     fn authority_forms() {
