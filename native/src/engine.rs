@@ -408,14 +408,23 @@ impl Engine {
             .map_err(|m| PyLookupError::new_err(m.to_string()))?;
         let target = &route.targets[i];
         if let Some((state, reason)) = target.unavailable() {
-            // The call would skip it: say so, and which endpoint a pick gives now.
-            let next = route.pick(None).map_err(PyLookupError::new_err)?;
+            // The call would skip it: say so, and name the next in order that can take it
+            // (without picking: explaining changes no state).
+            let n = route.targets.len();
+            let next = (1..n)
+                .map(|k| &route.targets[(i + k) % n])
+                .find(|t| t.available());
             why = format!(
-                "{why}; but {} is {state} ({reason}), so the call goes to the next one that can \
-                 take it",
+                "{why}; but {} is {state} ({reason})",
                 target.backend.hostport
             );
-            return Ok((route.targets[next].backend.hostport.clone(), why));
+            return Ok(match next {
+                Some(t) => {
+                    why.push_str(", so the call goes to one that can take it");
+                    (t.backend.hostport.clone(), why)
+                }
+                None => (target.backend.hostport.clone(), why),
+            });
         }
         Ok((target.backend.hostport.clone(), why))
     }
