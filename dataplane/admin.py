@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from dataplane.engine import BackendStats, Engine, NoBackendError
-from dataplane.routing import Routes, ServiceState
+from dataplane.routing import Routes, ServiceState, endpoint_state
 from dataplane.subscription import Subscription
 from weighbridge.keys import ServiceKey
 from weighbridge.model import endpoint_to_proto, to_proto
@@ -14,7 +14,7 @@ from weighbridge.v1 import admin_pb2_grpc as api_grpc
 
 
 def service_status(state: ServiceState, stats: list[BackendStats]) -> api.ServiceStatus:
-    """One applied set with the engine's counters of each endpoint."""
+    """One applied set with the engine's counters and state of each endpoint."""
     bs = state.backend_set
     shares = bs.probabilities()
     by_hostport = {s.hostport: s for s in stats}
@@ -22,6 +22,7 @@ def service_status(state: ServiceState, stats: list[BackendStats]) -> api.Servic
     for e in bs.endpoints:
         s = by_hostport.get(e.hostport)
         done = sum(s.buckets) if s else 0
+        now = endpoint_state(e, s)
         out.backends.append(
             api.BackendStatus(
                 endpoint=endpoint_to_proto(e),
@@ -35,6 +36,10 @@ def service_status(state: ServiceState, stats: list[BackendStats]) -> api.Servic
                 latency_p99_ms=s.quantile(0.99) * 1000 if s else 0.0,
                 connected=s.connected if s else False,
                 last_error=s.last_error if s else "",
+                state=now.state,
+                state_reason=now.reason,
+                state_since_unix=now.since_unix,
+                ejections=s.ejections if s else 0,
             )
         )
     return out

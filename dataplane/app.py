@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from datetime import UTC, datetime
+from typing import Final
 
 import aetcd
 import grpc
@@ -15,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from dataplane.admin import AdminService
-from dataplane.engine import Engine, NativeEngine
+from dataplane.engine import DRAINING, HEALTHY, Engine, NativeEngine
 from dataplane.metrics import ProxyCollector
 from dataplane.routing import Routes
 from dataplane.settings import ProxySettings
@@ -25,6 +27,29 @@ from weighbridge.keys import KeyScheme
 from weighbridge.v1 import admin_pb2, admin_pb2_grpc
 
 log = structlog.get_logger(__name__)
+
+EVENTS_INTERVAL: Final = 0.5
+"""Seconds between drains of the engine's state changes: soon enough to read as live, while the
+engine's queue holds far more than half a second of changes."""
+
+
+def log_engine_events(engine: Engine, logger: structlog.typing.FilteringBoundLogger = log) -> int:
+    """Log each state change the engine queued since the last call as one line, event
+    ``endpoint state`` with its service (null for a backend connection), endpoint, state and
+    reason bound; a warning when an endpoint stops taking calls. Returns how many."""
+    events = engine.events()
+    for e in events:
+        bound = logger.bind(service=e.service, endpoint=e.endpoint, state=e.state, reason=e.reason)
+        emit = bound.info if e.state in (HEALTHY, DRAINING) else bound.warning
+        emit("endpoint state", at=datetime.fromtimestamp(e.unix, UTC).isoformat())
+    return len(events)
+
+
+async def follow_engine_events(engine: Engine, *, interval: float = EVENTS_INTERVAL) -> None:
+    """Log the engine's state changes every ``interval`` seconds, until cancelled."""
+    while True:
+        log_engine_events(engine)
+        await asyncio.sleep(interval)
 
 
 def listening_socket(hostport: str) -> socket.socket:
@@ -68,10 +93,13 @@ class Proxy:
         self._health = health_aio.HealthServicer()
         self._metrics: tuple[object, threading.Thread] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._events: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.subscription.run(), name="subscription"))
+        self._events = loop.create_task(follow_engine_events(self.engine), name="engine-events")
+        self._tasks.append(self._events)
         if self.settings.publish_status:
             status = StatusPublisher(
                 self.etcd,
@@ -133,6 +161,10 @@ class Proxy:
         deadline = loop.time() + grace
         while self.engine.counters().in_flight and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        if self._events is not None:
+            self._events.cancel()
+            await asyncio.wait([self._events])
+        log_engine_events(self.engine)  # the last changes, while the engine can tell them
         self.engine.close()
         for t in self._tasks:
             t.cancel()

@@ -40,6 +40,24 @@ LATENCY_BOUNDS: Final = (
 """Latency histogram bucket upper bounds, seconds (the last bucket is open); the engine counts
 calls into them and metrics publish them."""
 
+HEALTHY: Final = "healthy"
+DRAINING: Final = "draining"
+ENDPOINT_STATES: Final = (HEALTHY, "connect_failing", "ejected", "unhealthy", DRAINING)
+"""What an endpoint of a Service is doing. The engine reports the first four for the endpoints
+it may pick (``connect_failing``: its connections fail; ``ejected``: outlier detection took it
+out for a while; ``unhealthy``: it fails active health checks); ``draining`` is Python's, for
+the endpoints the set keeps from new calls (terminating, not serving, weight 0)."""
+
+FAILOVER_COUNTERS: Final = (
+    "transparent_retries",
+    "retries",
+    "retry_budget_exhausted",
+    "ejections",
+    "health_checks_passed",
+    "health_checks_failed",
+)
+"""The engine's failover counters per Service (see :meth:`Engine.failover_counters`)."""
+
 
 class NoBackendError(WeighbridgeError):
     """No backend can take the call; the message (the engine's) says why, for a human."""
@@ -64,6 +82,15 @@ class BackendStats:
     """Finished calls per bucket of :data:`LATENCY_BOUNDS` (and one open bucket)."""
     connected: bool
     last_error: str
+    state: str
+    """One of :data:`ENDPOINT_STATES` but ``draining`` (which the engine never reports)."""
+    state_reason: str
+    """Why, for a human: the last connection error, the failures that ejected it, the health
+    check's answer; "" when healthy."""
+    state_since_unix: float
+    """When the endpoint entered ``state``, in Unix seconds."""
+    ejections: int
+    """Times outlier detection ejected this endpoint."""
 
     def quantile(self, q: float) -> float:
         """Upper bound of the bucket holding quantile ``q`` (seconds), 0 without data."""
@@ -97,6 +124,33 @@ class EngineCounters:
     """Calls the proxy ended itself, by reason (no_route, connect_failed, …)."""
 
 
+@dataclass(frozen=True, slots=True)
+class FailoverCount:
+    """One failover counter of one Service (ever increasing)."""
+
+    service: ServiceKey
+    counter: str
+    """One of :data:`FAILOVER_COUNTERS`."""
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointEvent:
+    """A state change of an endpoint, or of a backend connection, in the engine."""
+
+    unix: float
+    """When it happened, in Unix seconds."""
+    service: ServiceKey | None
+    """The Service whose endpoint changed; None for a change of a backend connection (shared by
+    every Service with that endpoint)."""
+    endpoint: str
+    """HOST:PORT."""
+    state: str
+    """One of :data:`ENDPOINT_STATES`, or ``connection_lost``; ``draining`` here means a backend
+    connection got GOAWAY."""
+    reason: str
+
+
 class Engine(Protocol):
     """What Python asks of the data path. Every method is quick and never waits on a call."""
 
@@ -104,7 +158,8 @@ class Engine(Protocol):
     def threads(self) -> int: ...
 
     def apply(self, key: ServiceKey, route: RouteConfig) -> None:
-        """Install or replace Service ``key``'s route in one swap; calls in flight keep theirs."""
+        """Install or replace Service ``key``'s route and failover policies in one swap; calls
+        in flight keep theirs."""
 
     def remove(self, key: ServiceKey) -> None: ...
 
@@ -124,6 +179,15 @@ class Engine(Protocol):
 
     def counters(self) -> EngineCounters: ...
 
+    def failover_counters(self) -> list[FailoverCount]:
+        """Every Service's retries, ejections and health checks so far."""
+        ...
+
+    def events(self) -> list[EndpointEvent]:
+        """The state changes since the last call, oldest first (the engine keeps a bounded
+        queue: when nobody asks, the oldest are dropped)."""
+        ...
+
     def thread_stats(self) -> list[ThreadStats]: ...
 
     def goaway(self) -> None:
@@ -139,7 +203,9 @@ class NativeEngine:
     def __init__(
         self, sock: socket.socket, settings: ProxySettings, *, seed: int | None = None
     ) -> None:
-        self._engine = weighbridge_native.Engine(
+        # The type: ignores with "unused-ignore" in this class let mypy pass against the engine's
+        # stub both before and after its failover API (issue 10); drop them once it is installed.
+        self._engine = weighbridge_native.Engine(  # type: ignore[call-arg, unused-ignore]
             sock.fileno(),
             threads=settings.engine_threads,
             max_message_bytes=settings.max_message_bytes,
@@ -147,6 +213,10 @@ class NativeEngine:
             latency_bounds_ns=[round(b * 1e9) for b in LATENCY_BOUNDS],
             max_connection_age_s=settings.max_connection_age,
             max_backend_connections=settings.max_backend_connections,
+            handshake_timeout_s=settings.handshake_timeout_s,
+            keepalive_time_s=settings.keepalive_time_s,
+            keepalive_timeout_s=settings.keepalive_timeout_s,
+            retry_buffer_bytes=settings.retry_buffer_bytes,
             seed=seed,
         )
 
@@ -155,11 +225,18 @@ class NativeEngine:
         return self._engine.threads
 
     def apply(self, key: ServiceKey, route: RouteConfig) -> None:
-        self._engine.apply(
+        failover = route.failover
+        self._engine.apply(  # type: ignore[call-arg, unused-ignore]
             key,
             route.strategy,
             [(e.hostport, e.pod, e.weight) for e in route.endpoints],
             route.total,
+            retry=failover.retry.engine_args() if failover.retry else None,
+            outlier=(
+                failover.outlier_detection.engine_args() if failover.outlier_detection else None
+            ),
+            health_check=failover.health_check.engine_args() if failover.health_check else None,
+            panic_threshold=failover.panic_threshold.engine_args(),
         )
 
     def remove(self, key: ServiceKey) -> None:
@@ -182,14 +259,27 @@ class NativeEngine:
             raise NoBackendError(str(exc)) from None
 
     def stats(self, key: ServiceKey | None = None) -> list[BackendStats]:
-        return [
-            BackendStats(ServiceKey(k), h, r, e, f, s, tuple(b), c, why)
-            for k, h, r, e, f, s, b, c, why in self._engine.stats(key)
-        ]
+        out = []
+        for row in self._engine.stats(key):
+            k, h, r, e, f, s, b, c, why, st, st_why, since, ej = row  # type: ignore[misc, unused-ignore]
+            out.append(
+                BackendStats(ServiceKey(k), h, r, e, f, s, tuple(b), c, why, st, st_why, since, ej)
+            )
+        return out
 
     def counters(self) -> EngineCounters:
         calls, in_flight, local = self._engine.counters()
         return EngineCounters(calls, in_flight, dict(local))
+
+    def failover_counters(self) -> list[FailoverCount]:
+        rows = self._engine.failover_counters()  # type: ignore[attr-defined, unused-ignore]
+        return [FailoverCount(ServiceKey(k), c, n) for k, c, n in rows]
+
+    def events(self) -> list[EndpointEvent]:
+        return [
+            EndpointEvent(unix, ServiceKey(k) if k else None, hostport, state, reason)
+            for unix, k, hostport, state, reason in self._engine.events()  # type: ignore[attr-defined, unused-ignore]
+        ]
 
     def thread_stats(self) -> list[ThreadStats]:
         return [ThreadStats(*row) for row in self._engine.thread_counters()]

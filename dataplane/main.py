@@ -72,6 +72,36 @@ def build_parser() -> argparse.ArgumentParser:
         "have as many calls as the backend allows at once (%(default)s)",
     )
     p.add_argument(
+        "--backend-handshake-timeout",
+        type=float,
+        default=d.handshake_timeout_s,
+        metavar="SECONDS",
+        help="time a new backend connection has for its HTTP/2 handshake and a PING round "
+        "trip (%(default)s)",
+    )
+    p.add_argument(
+        "--backend-keepalive-time",
+        type=float,
+        default=d.keepalive_time_s,
+        metavar="SECONDS",
+        help="PING a backend connection with calls open after this long without a frame; "
+        "0: never (%(default)s)",
+    )
+    p.add_argument(
+        "--backend-keepalive-timeout",
+        type=float,
+        default=d.keepalive_timeout_s,
+        metavar="SECONDS",
+        help="a backend connection whose PING is unanswered this long is dead (%(default)s)",
+    )
+    p.add_argument(
+        "--retry-buffer-bytes",
+        type=positive_int,
+        default=d.retry_buffer_bytes,
+        help="request bytes kept per call so that a retry can resend them; a call that sent "
+        "more is not retried (%(default)s = 256 KiB)",
+    )
+    p.add_argument(
         "--max-message-bytes",
         type=positive_int,
         default=d.max_message_bytes,
@@ -107,6 +137,10 @@ def settings_of(args: argparse.Namespace) -> ProxySettings:
         threads=args.threads,
         max_connection_age=args.max_connection_age,
         max_backend_connections=args.max_backend_connections,
+        handshake_timeout_s=args.backend_handshake_timeout,
+        keepalive_time_s=args.backend_keepalive_time,
+        keepalive_timeout_s=args.backend_keepalive_timeout,
+        retry_buffer_bytes=args.retry_buffer_bytes,
         max_message_bytes=args.max_message_bytes,
         grace=args.grace,
         eager_connections=not args.lazy_connect,

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from dataplane.engine import LATENCY_BOUNDS, Engine
-from dataplane.routing import Routes
+from dataplane.engine import ENDPOINT_STATES, LATENCY_BOUNDS, BackendStats, Engine
+from dataplane.routing import Routes, endpoint_state
 from dataplane.subscription import Subscription
 
 Family = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
@@ -22,11 +22,14 @@ class ProxyCollector(Collector):
         self.subscription = subscription
 
     def collect(self) -> Iterator[Family]:
-        yield from self._backends()
+        stats = self.engine.stats()
+        yield from self._backends(stats)
+        yield from self._endpoint_states(stats)
+        yield from self._failover()
         yield from self._engine()
         yield from self._subscription()
 
-    def _backends(self) -> Iterator[Family]:
+    def _backends(self, stats: list[BackendStats]) -> Iterator[Family]:
         labels = ["service", "backend"]
         requests = CounterMetricFamily(
             "weighbridge_proxy_backend_requests", "Calls sent to a backend.", labels=labels
@@ -45,7 +48,7 @@ class ProxyCollector(Collector):
             labels=labels,
         )
         bounds = [str(b) for b in LATENCY_BOUNDS] + ["+Inf"]
-        for s in self.engine.stats():
+        for s in stats:
             lv = [s.service, s.hostport]
             requests.add_metric(lv, s.requests)
             errors.add_metric(lv, s.errors)
@@ -56,6 +59,60 @@ class ProxyCollector(Collector):
                 buckets.append((bound, cumulative))
             latency.add_metric(lv, buckets, s.latency_sum)
         yield from (requests, errors, in_flight, latency)
+
+    def _endpoint_states(self, stats: list[BackendStats]) -> Iterator[Family]:
+        """Endpoints of each applied set by state (every state, 0 included)."""
+        endpoints = GaugeMetricFamily(
+            "weighbridge_proxy_endpoints",
+            "Endpoints of each Service by state: healthy, connect_failing, ejected, unhealthy, "
+            "draining.",
+            labels=["service", "state"],
+        )
+        by_endpoint = {(s.service, s.hostport): s for s in stats}
+        for key, applied in sorted(self.routes.services.items()):
+            counts = dict.fromkeys(ENDPOINT_STATES, 0)
+            for e in applied.backend_set.endpoints:
+                state = endpoint_state(e, by_endpoint.get((key, e.hostport))).state
+                if state in counts:
+                    counts[state] += 1
+            for state, n in counts.items():
+                endpoints.add_metric([key, state], n)
+        yield endpoints
+
+    def _failover(self) -> Iterator[Family]:
+        retries = CounterMetricFamily(
+            "weighbridge_proxy_retries",
+            "Retries: transparent (the call never reached a backend) and configured "
+            "(weighbridge.io/retry).",
+            labels=["service", "kind"],
+        )
+        exhausted = CounterMetricFamily(
+            "weighbridge_proxy_retry_budget_exhausted",
+            "Configured retries not made because the Service's retry budget was spent.",
+            labels=["service"],
+        )
+        ejections = CounterMetricFamily(
+            "weighbridge_proxy_ejections",
+            "Endpoints ejected by outlier detection.",
+            labels=["service"],
+        )
+        checks = CounterMetricFamily(
+            "weighbridge_proxy_health_checks",
+            "Active health checks, by result.",
+            labels=["service", "result"],
+        )
+        kinds = {"transparent_retries": "transparent", "retries": "configured"}
+        results = {"health_checks_passed": "passed", "health_checks_failed": "failed"}
+        for row in self.engine.failover_counters():  # counters a newer engine adds are skipped
+            if row.counter in kinds:
+                retries.add_metric([row.service, kinds[row.counter]], row.value)
+            elif row.counter in results:
+                checks.add_metric([row.service, results[row.counter]], row.value)
+            elif row.counter == "retry_budget_exhausted":
+                exhausted.add_metric([row.service], row.value)
+            elif row.counter == "ejections":
+                ejections.add_metric([row.service], row.value)
+        yield from (retries, exhausted, ejections, checks)
 
     def _engine(self) -> Iterator[Family]:
         counters = self.engine.counters()

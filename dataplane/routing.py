@@ -6,14 +6,44 @@ admin API.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import structlog
 
-from dataplane.engine import Engine
+from dataplane.engine import DRAINING, BackendStats, Engine
 from dataplane.strategies import configure
 from weighbridge.keys import ServiceKey
-from weighbridge.model import BackendSet
+from weighbridge.model import BackendSet, Endpoint
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    """What an endpoint of an applied set is doing (one of
+    :data:`dataplane.engine.ENDPOINT_STATES`), why, and since when."""
+
+    state: str
+    reason: str
+    since_unix: float
+    """0 when unknown."""
+
+
+def endpoint_state(endpoint: Endpoint, stats: BackendStats | None) -> EndpointState:
+    """``draining`` for an endpoint the set keeps from new calls (the engine never sees it),
+    else the engine's state of it; "" while the engine has not reported on it."""
+    if not endpoint.eligible:
+        why = (
+            "terminating"
+            if endpoint.terminating
+            else "not serving"
+            if not endpoint.serving
+            else "weight 0"
+        )
+        return EndpointState(DRAINING, why, 0.0)
+    if stats is None:
+        return EndpointState("", "", 0.0)
+    return EndpointState(stats.state, stats.state_reason, stats.state_since_unix)
 
 
 class ServiceState:

@@ -34,6 +34,22 @@ class ProxySettings:
     Go's net/http2 250, nginx 128; grpc-go and grpc-java set none), so a backend that limits
     streams still takes more calls at once instead of the proxy queueing them
     (docs/performance.md measures it); 8 bounds what one proxy opens to one pod."""
+    handshake_timeout_s: float = 3.0
+    """Seconds a new backend connection has for its HTTP/2 handshake, a PING round trip
+    included: a pod whose kernel accepts TCP but whose process does not answer (stopped,
+    overloaded) is given up on this soon, while a live one answers in milliseconds."""
+    keepalive_time_s: float = 5.0
+    """A backend connection with calls open that has been silent this long gets a PING; 0: no
+    PINGs. A vanished pod (node gone, partition: no RST ever comes) is then noticed within
+    seconds rather than TCP's minutes, and PINGs only while calls wait cost an idle pod nothing."""
+    keepalive_timeout_s: float = 3.0
+    """A PING unanswered this long means the connection is dead: its calls fail (retried where
+    they can be) and the endpoint counts a connection failure. 3 s is far beyond a live pod's
+    round trip, even under load."""
+    retry_buffer_bytes: int = 256 << 10
+    """Request bytes kept per call, until its response begins, so that a retry (transparent or
+    configured) can send them again; a call whose request outgrows this is not retried. 256 KiB
+    holds nearly every unary request and bounds what retries make the proxy hold per call."""
     max_message_bytes: int = 16 << 20
     """Largest gRPC message either way: 16 MiB holds what real APIs send (gRPC's own default
     of 4 MiB is often raised) while bounding what one call can make the proxy forward."""
@@ -55,6 +71,16 @@ class ProxySettings:
             raise ValueError(
                 f"max backend connections must be ≥ 1, not {self.max_backend_connections}"
             )
+        for name, value, minimum in (
+            ("backend handshake timeout", self.handshake_timeout_s, 0.0),
+            ("backend keepalive timeout", self.keepalive_timeout_s, 0.0),
+        ):
+            if not (value > minimum and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0 s, not {value}")
+        if not (self.keepalive_time_s >= 0 and math.isfinite(self.keepalive_time_s)):
+            raise ValueError(f"backend keepalive time must be ≥ 0 s, not {self.keepalive_time_s}")
+        if self.retry_buffer_bytes < 1:
+            raise ValueError(f"retry buffer bytes must be ≥ 1, not {self.retry_buffer_bytes}")
         if self.max_message_bytes < 1:
             raise ValueError(f"max message bytes must be ≥ 1, not {self.max_message_bytes}")
 

@@ -7,12 +7,27 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+import weighbridge_native
 
-from dataplane.engine import NativeEngine, NoBackendError, NoRouteError
+from dataplane.engine import (
+    ENDPOINT_STATES,
+    FAILOVER_COUNTERS,
+    NativeEngine,
+    NoBackendError,
+    NoRouteError,
+)
 from dataplane.settings import ProxySettings
 from dataplane.strategies import configure
 from weighbridge.keys import ServiceKey
 from weighbridge.model import BackendSet, Endpoint
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(weighbridge_native.Engine, "failover_counters"),
+    reason="the installed engine predates its failover API (issue 10); scripts/bootstrap "
+    "installs the engine built from native/",
+)
+
+NO_FAILOVER = {"retry": None, "outlier": None, "health_check": None, "panic_threshold": 0}
 
 
 @pytest.fixture
@@ -88,9 +103,28 @@ def test_an_empty_set_explains_itself(engine: NativeEngine) -> None:
 def test_the_engine_refuses_what_it_cannot_execute(engine: NativeEngine) -> None:
     raw = engine._engine
     with pytest.raises(ValueError, match='unknown strategy "teleport"'):
-        raw.apply("ns/svc", "teleport", [("127.0.0.1:1", "", 1)], 1)
+        raw.apply("ns/svc", "teleport", [("127.0.0.1:1", "", 1)], 1, **NO_FAILOVER)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="weight 0"):
-        raw.apply("ns/svc", "random", [("127.0.0.1:1", "", 0)], 1)
+        raw.apply("ns/svc", "random", [("127.0.0.1:1", "", 0)], 1, **NO_FAILOVER)  # type: ignore[arg-type]
+
+
+def test_failover_policies_are_applied_and_reported(engine: NativeEngine) -> None:
+    options = {
+        "retry": "on: unavailable; attempts: 3; per-try-timeout: 1s",
+        "outlier-detection": "consecutive-failures: 3",
+        "health-check": "service: x.Y; interval: 1s",
+        "panic-threshold": "30%",
+    }
+    engine.apply(KEY, configure(backend_set("round_robin", 1, 1, options=options)))
+    rows = engine.stats(KEY)
+    assert {r.hostport for r in rows} == {"127.0.0.1:1", "127.0.0.1:2"}
+    for r in rows:
+        assert r.state in ENDPOINT_STATES and r.state != "draining", r
+        assert r.ejections == 0
+    for row in engine.failover_counters():
+        assert row.counter in FAILOVER_COUNTERS and row.value == 0, row
+    for event in engine.events():
+        assert event.endpoint in ("127.0.0.1:1", "127.0.0.1:2"), event
 
 
 def test_counters_and_threads_start_at_zero(engine: NativeEngine) -> None:
@@ -101,8 +135,6 @@ def test_counters_and_threads_start_at_zero(engine: NativeEngine) -> None:
 
 
 def test_bad_engine_settings_are_refused() -> None:
-    import weighbridge_native
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
@@ -111,6 +143,10 @@ def test_bad_engine_settings_are_refused() -> None:
             "eager": False,
             "latency_bounds_ns": [1],
             "max_backend_connections": 1,
+            "handshake_timeout_s": 1.0,
+            "keepalive_time_s": 1.0,
+            "keepalive_timeout_s": 1.0,
+            "retry_buffer_bytes": 1,
         }
         with pytest.raises(ValueError, match="threads must be at least 1"):
             weighbridge_native.Engine(

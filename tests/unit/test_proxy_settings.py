@@ -28,6 +28,28 @@ def test_flags_become_settings() -> None:
     )
 
 
+def test_backend_connection_flags_become_settings() -> None:
+    args = build_parser().parse_args(
+        [
+            "--backend-handshake-timeout",
+            "0.5",
+            "--backend-keepalive-time",
+            "0",
+            "--backend-keepalive-timeout",
+            "1.5",
+            "--retry-buffer-bytes",
+            "1024",
+        ]
+    )
+    s = settings_of(args)
+    assert (
+        s.handshake_timeout_s,
+        s.keepalive_time_s,
+        s.keepalive_timeout_s,
+        s.retry_buffer_bytes,
+    ) == (0.5, 0.0, 1.5, 1024)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -35,6 +57,12 @@ def test_flags_become_settings() -> None:
         {"max_connection_age": -1.0},
         {"max_backend_connections": 0},
         {"max_message_bytes": 0},
+        {"handshake_timeout_s": 0.0},
+        {"handshake_timeout_s": float("inf")},
+        {"keepalive_time_s": -1.0},
+        {"keepalive_time_s": float("nan")},
+        {"keepalive_timeout_s": 0.0},
+        {"retry_buffer_bytes": 0},
     ],
 )
 def test_bad_settings_are_refused(kw: dict[str, float]) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from weighbridge.v1 import backend_set_pb2 as weighbridge_dot_v1_dot_backend__set__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aweighbridge/v1/admin.proto\x12\x0eweighbridge.v1\x1a weighbridge/v1/backend_set.proto\")\n\x16ListBackendSetsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\x81\x02\n\rBackendStatus\x12*\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x18.weighbridge.v1.Endpoint\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\r\n\x05share\x18\x03 \x01(\x01\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x04\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x17\n\x0flatency_mean_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\t \x01(\x01\x12\x11\n\tconnected\x18\n \x01(\x08\x12\x12\n\nlast_error\x18\x0b \x01(\t\"\x87\x01\n\rServiceStatus\x12/\n\x0b\x62\x61\x63kend_set\x18\x01 \x01(\x0b\x32\x1a.weighbridge.v1.BackendSet\x12\x14\n\x0cmod_revision\x18\x02 \x01(\x03\x12/\n\x08\x62\x61\x63kends\x18\x03 \x03(\x0b\x32\x1d.weighbridge.v1.BackendStatus\"\xb8\x01\n\x17ListBackendSetsResponse\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x16\n\x0e\x65tcd_connected\x18\x03 \x01(\x08\x12\x17\n\x0f\x65tcd_last_error\x18\x04 \x01(\t\x12\x0f\n\x07relists\x18\x05 \x01(\x04\x12/\n\x08services\x18\x06 \x03(\x0b\x32\x1d.weighbridge.v1.ServiceStatus\"\xa1\x01\n\x0e\x45xplainRequest\x12\x11\n\tauthority\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12<\n\x07headers\x18\x03 \x03(\x0b\x32+.weighbridge.v1.ExplainRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x0f\x45xplainResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nmatched_by\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12*\n\x08\x65ndpoint\x18\x04 \x01(\x0b\x32\x18.weighbridge.v1.Endpoint\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t2\xb7\x01\n\x05\x41\x64min\x12\x62\n\x0fListBackendSets\x12&.weighbridge.v1.ListBackendSetsRequest\x1a\'.weighbridge.v1.ListBackendSetsResponse\x12J\n\x07\x45xplain\x12\x1e.weighbridge.v1.ExplainRequest\x1a\x1f.weighbridge.v1.ExplainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aweighbridge/v1/admin.proto\x12\x0eweighbridge.v1\x1a weighbridge/v1/backend_set.proto\")\n\x16ListBackendSetsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xd3\x02\n\rBackendStatus\x12*\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x18.weighbridge.v1.Endpoint\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\r\n\x05share\x18\x03 \x01(\x01\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x04\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x17\n\x0flatency_mean_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\t \x01(\x01\x12\x11\n\tconnected\x18\n \x01(\x08\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12\r\n\x05state\x18\x0c \x01(\t\x12\x14\n\x0cstate_reason\x18\r \x01(\t\x12\x18\n\x10state_since_unix\x18\x0e \x01(\x01\x12\x11\n\tejections\x18\x0f \x01(\x04\"\x87\x01\n\rServiceStatus\x12/\n\x0b\x62\x61\x63kend_set\x18\x01 \x01(\x0b\x32\x1a.weighbridge.v1.BackendSet\x12\x14\n\x0cmod_revision\x18\x02 \x01(\x03\x12/\n\x08\x62\x61\x63kends\x18\x03 \x03(\x0b\x32\x1d.weighbridge.v1.BackendStatus\"\xb8\x01\n\x17ListBackendSetsResponse\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x16\n\x0e\x65tcd_connected\x18\x03 \x01(\x08\x12\x17\n\x0f\x65tcd_last_error\x18\x04 \x01(\t\x12\x0f\n\x07relists\x18\x05 \x01(\x04\x12/\n\x08services\x18\x06 \x03(\x0b\x32\x1d.weighbridge.v1.ServiceStatus\"\xa1\x01\n\x0e\x45xplainRequest\x12\x11\n\tauthority\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12<\n\x07headers\x18\x03 \x03(\x0b\x32+.weighbridge.v1.ExplainRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x0f\x45xplainResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nmatched_by\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12*\n\x08\x65ndpoint\x18\x04 \x01(\x0b\x32\x18.weighbridge.v1.Endpoint\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t2\xb7\x01\n\x05\x41\x64min\x12\x62\n\x0fListBackendSets\x12&.weighbridge.v1.ListBackendSetsRequest\x1a\'.weighbridge.v1.ListBackendSetsResponse\x12J\n\x07\x45xplain\x12\x1e.weighbridge.v1.ExplainRequest\x1a\x1f.weighbridge.v1.ExplainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTBACKENDSETSREQUEST']._serialized_start=80
   _globals['_LISTBACKENDSETSREQUEST']._serialized_end=121
   _globals['_BACKENDSTATUS']._serialized_start=124
-  _globals['_BACKENDSTATUS']._serialized_end=381
-  _globals['_SERVICESTATUS']._serialized_start=384
-  _globals['_SERVICESTATUS']._serialized_end=519
-  _globals['_LISTBACKENDSETSRESPONSE']._serialized_start=522
-  _globals['_LISTBACKENDSETSRESPONSE']._serialized_end=706
-  _globals['_EXPLAINREQUEST']._serialized_start=709
-  _globals['_EXPLAINREQUEST']._serialized_end=870
-  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_start=824
-  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_end=870
-  _globals['_EXPLAINRESPONSE']._serialized_start=873
-  _globals['_EXPLAINRESPONSE']._serialized_end=1020
-  _globals['_ADMIN']._serialized_start=1023
-  _globals['_ADMIN']._serialized_end=1206
+  _globals['_BACKENDSTATUS']._serialized_end=463
+  _globals['_SERVICESTATUS']._serialized_start=466
+  _globals['_SERVICESTATUS']._serialized_end=601
+  _globals['_LISTBACKENDSETSRESPONSE']._serialized_start=604
+  _globals['_LISTBACKENDSETSRESPONSE']._serialized_end=788
+  _globals['_EXPLAINREQUEST']._serialized_start=791
+  _globals['_EXPLAINREQUEST']._serialized_end=952
+  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_start=906
+  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_end=952
+  _globals['_EXPLAINRESPONSE']._serialized_start=955
+  _globals['_EXPLAINRESPONSE']._serialized_end=1102
+  _globals['_ADMIN']._serialized_start=1105
+  _globals['_ADMIN']._serialized_end=1288
 # @@protoc_insertion_point(module_scope)

@@ -14,7 +14,7 @@ class ListBackendSetsRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("endpoint", "eligible", "share", "requests", "errors", "in_flight", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms", "connected", "last_error")
+    __slots__ = ("endpoint", "eligible", "share", "requests", "errors", "in_flight", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms", "connected", "last_error", "state", "state_reason", "state_since_unix", "ejections")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,10 @@ class BackendStatus(_message.Message):
     LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    EJECTIONS_FIELD_NUMBER: _ClassVar[int]
     endpoint: _backend_set_pb2.Endpoint
     eligible: bool
     share: float
@@ -37,7 +41,11 @@ class BackendStatus(_message.Message):
     latency_p99_ms: float
     connected: bool
     last_error: str
-    def __init__(self, endpoint: _Optional[_Union[_backend_set_pb2.Endpoint, _Mapping]] = ..., eligible: _Optional[bool] = ..., share: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., in_flight: _Optional[int] = ..., latency_mean_ms: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., connected: _Optional[bool] = ..., last_error: _Optional[str] = ...) -> None: ...
+    state: str
+    state_reason: str
+    state_since_unix: float
+    ejections: int
+    def __init__(self, endpoint: _Optional[_Union[_backend_set_pb2.Endpoint, _Mapping]] = ..., eligible: _Optional[bool] = ..., share: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., in_flight: _Optional[int] = ..., latency_mean_ms: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., connected: _Optional[bool] = ..., last_error: _Optional[str] = ..., state: _Optional[str] = ..., state_reason: _Optional[str] = ..., state_since_unix: _Optional[float] = ..., ejections: _Optional[int] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
     __slots__ = ("backend_set", "mod_revision", "backends")

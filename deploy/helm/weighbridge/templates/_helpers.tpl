@@ -67,14 +67,14 @@ capabilities:
 
 {{/* weighbridge.flags: container args "- --FLAG=VALUE", one line per (list "FLAG" VALUE) pair whose
 value is set; empty when none is. A null (or absent) value renders nothing, so the binary's own
-default applies and the chart never repeats it; 0 and false are set values. Integers print as
-integers (numbers from a values file arrive as floats). */}}
+default applies and the chart never repeats it; 0 and false are set values. Whole numbers
+print as integers (numbers from a values file arrive as floats), others as they are (0.5). */}}
 {{- define "weighbridge.flags" -}}
 {{- $lines := list }}
 {{- range . }}
 {{- $value := index . 1 }}
 {{- if not (kindIs "invalid" $value) }}
-{{- if kindIs "float64" $value }}{{ $value = int64 $value }}{{ end }}
+{{- if and (kindIs "float64" $value) (eq $value (float64 (int64 $value))) }}{{ $value = int64 $value }}{{ end }}
 {{- $lines = append $lines (printf "- --%s=%v" (index . 0) $value) }}
 {{- end }}
 {{- end }}
