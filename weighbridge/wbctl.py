@@ -1,11 +1,14 @@
-"""wbctl — read and write Weighbridge backend sets in etcd.
+"""wbctl — read and write Weighbridge backend sets in etcd, and ask a proxy how its backends are.
 
     wbctl get [NAMESPACE/NAME] [-o table|json]
-    wbctl put NAMESPACE/NAME --strategy S --endpoint HOST:PORT[=WEIGHT] ...
+    wbctl put NAMESPACE/NAME --strategy S --endpoint HOST:PORT[=WEIGHT] ... [--option KEY=TEXT]
     wbctl delete NAMESPACE/NAME
+    wbctl proxies [-o table|json]
+    wbctl backends [NAMESPACE/NAME] [--admin HOST:PORT] [-o table|json]
 
 ``put`` writes a set by hand: for running proxies without Kubernetes, and for tests. While
 a controller manages the same Service it will overwrite the hand-written set on its next sync.
+``backends`` asks one proxy's admin API (not etcd) for each endpoint's state and counters.
 """
 
 from __future__ import annotations
@@ -19,12 +22,18 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 import aetcd
+import grpc
 
 from weighbridge import etcd as store
 from weighbridge.cli import add_etcd_arguments
 from weighbridge.errors import WeighbridgeError
 from weighbridge.keys import KeyScheme, parse_service_key
 from weighbridge.model import STRATEGIES, BackendSet, Endpoint
+from weighbridge.policy import OPTION_KEYS, canonical_option
+from weighbridge.v1 import admin_pb2, admin_pb2_grpc
+
+DEFAULT_ADMIN = "127.0.0.1:9501"
+"""A proxy's admin API as ``kubectl port-forward`` brings it to this machine."""
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -36,6 +45,21 @@ def parse_endpoint(text: str) -> Endpoint:
     if weight and not weight.isdigit():
         raise ValueError(f"endpoint {text!r}: weight must be a whole number >= 0")
     return Endpoint(address=host.strip("[]"), port=int(port), weight=int(weight or 1))
+
+
+def parse_option(text: str) -> tuple[str, str]:
+    """``KEY=TEXT``: a failover policy (``retry``, ``outlier-detection``, ``health-check``,
+    ``panic-threshold``) as its annotation would say it → (key, canonical text)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or key not in OPTION_KEYS:
+        raise ValueError(
+            f"option {text!r} is not KEY=TEXT with KEY one of {', '.join(OPTION_KEYS)}"
+        )
+    try:
+        return key, canonical_option(key, value)
+    except ValueError as exc:
+        raise ValueError(f"option {key}: {exc}") from None
 
 
 def set_to_json(stored: store.StoredSet) -> dict[str, Any]:
@@ -152,7 +176,104 @@ async def show_proxies(etcd: aetcd.Client, scheme: KeyScheme, output: str, out: 
     return 0
 
 
+def ago(seconds: float) -> str:
+    """A human's "how long ago": 45s, 12m, 3h, 2d."""
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def backends_to_json(response: admin_pb2.ListBackendSetsResponse) -> dict[str, Any]:
+    return {
+        "proxyId": response.proxy_id,
+        "appliedRevision": response.applied_revision,
+        "services": [
+            {
+                "service": f"{s.backend_set.namespace}/{s.backend_set.name}",
+                "strategy": s.backend_set.strategy,
+                "modRevision": s.mod_revision,
+                "endpoints": [
+                    {
+                        "address": b.endpoint.address,
+                        "port": b.endpoint.port,
+                        "pod": b.endpoint.pod,
+                        "eligible": b.eligible,
+                        "share": b.share,
+                        "state": b.state,
+                        "stateReason": b.state_reason,
+                        "stateSinceUnix": b.state_since_unix,
+                        "ejections": b.ejections,
+                        "requests": b.requests,
+                        "errors": b.errors,
+                        "inFlight": b.in_flight,
+                        "connected": b.connected,
+                        "lastError": b.last_error,
+                    }
+                    for b in s.backends
+                ],
+            }
+            for s in response.services
+        ],
+    }
+
+
+def print_backends(
+    response: admin_pb2.ListBackendSetsResponse, out: TextIO, *, now: float | None = None
+) -> None:
+    """One row per endpoint of every Service the proxy applied, with its state and why."""
+    now = time.time() if now is None else now
+    out.write(f"proxy {response.proxy_id}, applied revision {response.applied_revision}\n\n")
+    header = "SERVICE ENDPOINT POD SHARE STATE SINCE EJECTIONS REQUESTS ERRORS REASON"
+    rows = [tuple(header.split())]
+    for s in response.services:
+        key = f"{s.backend_set.namespace}/{s.backend_set.name}"
+        for b in s.backends:
+            e = b.endpoint
+            host = f"[{e.address}]" if ":" in e.address else e.address
+            rows.append(
+                (
+                    key,
+                    f"{host}:{e.port}",
+                    e.pod or "-",
+                    f"{b.share:.2%}" if b.share else "-",
+                    b.state or "-",
+                    ago(now - b.state_since_unix) if b.state_since_unix else "-",
+                    str(b.ejections),
+                    str(b.requests),
+                    str(b.errors),
+                    b.state_reason or "-",
+                )
+            )
+    write_table(rows, out)
+
+
+async def show_backends(admin: str, service: str | None, output: str, out: TextIO) -> int:
+    """Each endpoint's state and counters, as one proxy's admin API reports them."""
+    request = admin_pb2.ListBackendSetsRequest(service=service or "")
+    async with grpc.aio.insecure_channel(admin) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            response = await stub.ListBackendSets(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                sys.stderr.write(f"wbctl: {exc.details()}\n")
+                return 1
+            raise WeighbridgeError(
+                f"the proxy admin API at {admin} answered {exc.code().name}: {exc.details()} "
+                "(is a port-forward to the proxy's admin port running?)"
+            ) from None
+    if output == "json":
+        out.write(json.dumps(backends_to_json(response), indent=2) + "\n")
+    else:
+        print_backends(response, out)
+    return 0
+
+
 async def run(args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "backends":
+        service = parse_service_key(args.service) if args.service else None
+        return await show_backends(args.admin, service, args.output, out)
     scheme = KeyScheme(args.prefix)
     etcd = store.client(args.etcd)
     try:
@@ -187,6 +308,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
                 strategy=args.strategy,
                 endpoints=tuple(parse_endpoint(e) for e in args.endpoint),
                 generation=generation,
+                options=dict(parse_option(o) for o in args.option),
                 grpc_services=tuple(args.grpc_service),
                 source="wbctl",
                 built_unix_nanos=time.time_ns(),
@@ -234,12 +356,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PACKAGE.SERVICE",
         help="a gRPC service name proxies may route to this set; repeatable",
     )
+    put.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=TEXT",
+        help="a failover policy, as its weighbridge.io/KEY annotation says it: "
+        f"{', '.join(OPTION_KEYS)} (e.g. 'retry=on: unavailable; attempts: 3'); repeatable",
+    )
     delete = sub.add_parser("delete", help="delete a backend set")
     delete.add_argument("service", metavar="NAMESPACE/NAME")
     proxies = sub.add_parser(
         "proxies", help="which proxies are running and whether they are in sync"
     )
     proxies.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    backends = sub.add_parser(
+        "backends",
+        help="ask one proxy (its admin API) how each endpoint is: state, why, counters",
+    )
+    backends.add_argument("service", nargs="?", metavar="NAMESPACE/NAME")
+    backends.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="HOST:PORT",
+        help="the proxy's admin API, e.g. through kubectl -n weighbridge port-forward "
+        "deploy/weighbridge-proxy 9501 (%(default)s)",
+    )
+    backends.add_argument("-o", "--output", choices=("table", "json"), default="table")
     return p
 
 
