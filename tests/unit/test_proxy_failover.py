@@ -199,3 +199,49 @@ async def test_events_are_followed_until_cancelled() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+class HangingEtcd:
+    """An etcd that never answers (the subscription waits until cancelled)."""
+
+    async def get_prefix(self, prefix: bytes) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_running_proxy_logs_engine_events_and_the_last_ones_before_the_engine_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dataplane import app
+    from dataplane.settings import ProxySettings
+
+    engine = FakeEngine()  # its events() raises once closed
+    monkeypatch.setattr(app, "NativeEngine", lambda sock, settings, seed=None: engine)
+    logged: list[EndpointEvent] = []
+
+    def log_events(engine: FakeEngine) -> int:
+        events = engine.events()
+        logged.extend(events)
+        return len(events)
+
+    monkeypatch.setattr(app, "log_engine_events", log_events)
+    proxy = app.Proxy(
+        etcd=HangingEtcd(),  # type: ignore[arg-type]
+        scheme=KeyScheme("/wb/"),
+        proxy_id="p",
+        settings=ProxySettings(
+            listen="127.0.0.1:0", admin_listen=None, metrics_listen=None, publish_status=False
+        ),
+    )
+    first = EndpointEvent(1.0, KEY, "10.0.0.1:80", "ejected", "5 consecutive failures")
+    engine.queued = [first]
+    await proxy.start()
+    for _ in range(100):
+        if logged:
+            break
+        await asyncio.sleep(0.05)
+    assert logged == [first]
+    last = EndpointEvent(2.0, KEY, "10.0.0.1:80", "healthy", "")
+    engine.queued = [last]
+    await proxy.stop(grace=0)
+    assert logged == [first, last]
+    assert engine.closed
