@@ -188,6 +188,11 @@ class Engine(Protocol):
         queue: when nobody asks, the oldest are dropped)."""
         ...
 
+    @property
+    def events_dropped(self) -> int:
+        """State changes dropped from the engine's bounded queue because nobody read them."""
+        ...
+
     def thread_stats(self) -> list[ThreadStats]: ...
 
     def goaway(self) -> None:
@@ -259,12 +264,12 @@ class NativeEngine:
             raise NoBackendError(str(exc)) from None
 
     def stats(self, key: ServiceKey | None = None) -> list[BackendStats]:
+        # A row ends in one nested (state, why, since, ejections): pyo3 converts tuples of at
+        # most 12 items.
         out = []
         for row in self._engine.stats(key):
-            k, h, r, e, f, s, b, c, why, st, st_why, since, ej = row  # type: ignore[misc, unused-ignore]
-            out.append(
-                BackendStats(ServiceKey(k), h, r, e, f, s, tuple(b), c, why, st, st_why, since, ej)
-            )
+            k, h, r, e, f, s, b, c, why, state = row  # type: ignore[misc, unused-ignore]
+            out.append(BackendStats(ServiceKey(k), h, r, e, f, s, tuple(b), c, why, *state))
         return out
 
     def counters(self) -> EngineCounters:
@@ -280,6 +285,10 @@ class NativeEngine:
             EndpointEvent(unix, ServiceKey(k) if k else None, hostport, state, reason)
             for unix, k, hostport, state, reason in self._engine.events()  # type: ignore[attr-defined, unused-ignore]
         ]
+
+    @property
+    def events_dropped(self) -> int:
+        return self._engine.events_dropped  # type: ignore[attr-defined, no-any-return, unused-ignore]
 
     def thread_stats(self) -> list[ThreadStats]:
         return [ThreadStats(*row) for row in self._engine.thread_counters()]

@@ -112,7 +112,12 @@ class ProxyCollector(Collector):
                 exhausted.add_metric([row.service], row.value)
             elif row.counter == "ejections":
                 ejections.add_metric([row.service], row.value)
-        yield from (retries, exhausted, ejections, checks)
+        dropped = CounterMetricFamily(
+            "weighbridge_proxy_state_events_dropped",
+            "Endpoint state changes the engine dropped, unread (their log lines are missing).",
+        )
+        dropped.add_metric([], self.engine.events_dropped)
+        yield from (retries, exhausted, ejections, checks, dropped)
 
     def _engine(self) -> Iterator[Family]:
         counters = self.engine.counters()

@@ -191,8 +191,9 @@ class HealthCheck:
     """Time between checks of one endpoint (100 ms to 1 h): 5 s finds a hung pod within
     seconds at a negligible cost to it."""
     timeout_ms: int = 1_000
-    """A check not answered within this has failed; at most the interval. A health check is
-    cheap, so a second means trouble."""
+    """A check not answered within this has failed; at most the interval (text that gives a
+    shorter interval and no timeout gets the interval). A health check is cheap, so a second
+    means trouble."""
     unhealthy_threshold: int = 3
     """Failed checks in a row that mark an endpoint unhealthy (1-100): one lost check is noise."""
     healthy_threshold: int = 2
@@ -330,6 +331,8 @@ def parse_health_check(text: str) -> HealthCheck | None:
     for key, attr in (("interval", "interval_ms"), ("timeout", "timeout_ms")):
         if key in fields:
             kw[attr] = _parse_field_duration(key, fields[key])
+    if "interval_ms" in kw and "timeout_ms" not in kw:  # a short interval shortens the timeout
+        kw["timeout_ms"] = min(kw["interval_ms"], HealthCheck().timeout_ms)
     for key, attr in (
         ("unhealthy-threshold", "unhealthy_threshold"),
         ("healthy-threshold", "healthy_threshold"),

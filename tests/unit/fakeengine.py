@@ -53,6 +53,7 @@ class FakeEngine:
     rows: list[BackendStats] = field(default_factory=list)
     failover: list[FailoverCount] = field(default_factory=list)
     queued: list[EndpointEvent] = field(default_factory=list)
+    events_dropped: int = 0
     closed: bool = False
 
     @property

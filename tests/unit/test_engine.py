@@ -4,13 +4,13 @@ traffic: routes applied and removed, routing answers and misses, Explain, counte
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 import weighbridge_native
 
 from dataplane.engine import (
-    ENDPOINT_STATES,
     FAILOVER_COUNTERS,
     NativeEngine,
     NoBackendError,
@@ -109,22 +109,36 @@ def test_the_engine_refuses_what_it_cannot_execute(engine: NativeEngine) -> None
 
 
 def test_failover_policies_are_applied_and_reported(engine: NativeEngine) -> None:
+    """Health checks of endpoints nobody listens on fail: the engine reports them unhealthy
+    (rows, events, counters) and Explain says the next endpoint is skipped."""
     options = {
         "retry": "on: unavailable; attempts: 3; per-try-timeout: 1s",
         "outlier-detection": "consecutive-failures: 3",
-        "health-check": "service: x.Y; interval: 1s",
-        "panic-threshold": "30%",
+        "health-check": "interval: 100ms; unhealthy-threshold: 1",
+        "panic-threshold": "0%",
     }
     engine.apply(KEY, configure(backend_set("round_robin", 1, 1, options=options)))
-    rows = engine.stats(KEY)
-    assert {r.hostport for r in rows} == {"127.0.0.1:1", "127.0.0.1:2"}
-    for r in rows:
-        assert r.state in ENDPOINT_STATES and r.state != "draining", r
-        assert r.ejections == 0
-    for row in engine.failover_counters():
-        assert row.counter in FAILOVER_COUNTERS and row.value == 0, row
-    for event in engine.events():
-        assert event.endpoint in ("127.0.0.1:1", "127.0.0.1:2"), event
+    for _ in range(100):
+        rows = engine.stats(KEY)
+        if all(r.state == "unhealthy" for r in rows):
+            break
+        time.sleep(0.05)
+    assert {(r.hostport, r.state, r.ejections) for r in rows} == {
+        ("127.0.0.1:1", "unhealthy", 0),
+        ("127.0.0.1:2", "unhealthy", 0),
+    }
+    assert all("refused" in r.state_reason and r.state_since_unix > 0 for r in rows), rows
+    events = engine.events()
+    assert {(e.service, e.endpoint, e.state) for e in events} == {
+        (KEY, "127.0.0.1:1", "unhealthy"),
+        (KEY, "127.0.0.1:2", "unhealthy"),
+    }
+    counters = {c.counter: c.value for c in engine.failover_counters() if c.service == KEY}
+    assert set(counters) == set(FAILOVER_COUNTERS)
+    assert counters["health_checks_failed"] >= 2 and counters["health_checks_passed"] == 0
+    assert engine.events_dropped == 0
+    _, why = engine.explain(KEY)
+    assert "is unhealthy" in why, why
 
 
 def test_counters_and_threads_start_at_zero(engine: NativeEngine) -> None:

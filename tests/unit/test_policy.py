@@ -114,6 +114,7 @@ def test_health_check_on_off_and_service() -> None:
     assert policy == HealthCheck(service="helloworld.Greeter", interval_ms=2000, timeout_ms=500)
     assert policy.engine_args() == ("helloworld.Greeter", 2.0, 0.5, 3, 2)
     assert parse_health_check('service: ""') == HealthCheck()
+    assert parse_health_check("interval: 200ms") == HealthCheck(interval_ms=200, timeout_ms=200)
     assert format_health_check(HealthCheck()) == (
         "interval: 5s; timeout: 1s; unhealthy-threshold: 3; healthy-threshold: 2"
     )

@@ -126,6 +126,7 @@ def test_metrics_count_endpoints_by_state_and_the_failover_counters() -> None:
         FailoverCount(KEY, "health_checks_failed", 5),
         FailoverCount(KEY, "a_counter_of_a_newer_engine", 9),
     ]
+    engine.events_dropped = 6
     registry = metrics(engine, routes)
 
     def sample(name: str, **labels: str) -> float | None:
@@ -148,6 +149,7 @@ def test_metrics_count_endpoints_by_state_and_the_failover_counters() -> None:
     assert sample("weighbridge_proxy_ejections_total") == 1
     assert sample("weighbridge_proxy_health_checks_total", result="passed") == 10
     assert sample("weighbridge_proxy_health_checks_total", result="failed") == 5
+    assert registry.get_sample_value("weighbridge_proxy_state_events_dropped_total") == 6
     assert "newer_engine" not in generate_latest(registry).decode()
 
 
