@@ -21,12 +21,6 @@ from dataplane.strategies import configure
 from weighbridge.keys import ServiceKey
 from weighbridge.model import BackendSet, Endpoint
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(weighbridge_native.Engine, "failover_counters"),
-    reason="the installed engine predates its failover API (issue 10); scripts/bootstrap "
-    "installs the engine built from native/",
-)
-
 NO_FAILOVER = {"retry": None, "outlier": None, "health_check": None, "panic_threshold": 0}
 
 
