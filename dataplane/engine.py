@@ -208,8 +208,9 @@ class NativeEngine:
     def __init__(
         self, sock: socket.socket, settings: ProxySettings, *, seed: int | None = None
     ) -> None:
-        # The type: ignores with "unused-ignore" in this class let mypy pass against the engine's
-        # stub both before and after its failover API (issue 10); drop them once it is installed.
+        # The type: ignores with "unused-ignore" in this class let mypy pass whether or not the
+        # engine's stub (native/weighbridge_native.pyi) declares its failover API (issue 10);
+        # drop them once it does.
         self._engine = weighbridge_native.Engine(  # type: ignore[call-arg, unused-ignore]
             sock.fileno(),
             threads=settings.engine_threads,
