@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,23 +26,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.launch import build_go, cache_dir
 from bench.procstat import cpu_seconds
 from devtools import testenv
 from weighbridge import etcd as store
 from weighbridge.keys import KeyScheme
 from weighbridge.model import BackendSet, Endpoint
 
-AUTHORITY = "echo.default"
-BIN = Path(os.environ.get("WEIGHBRIDGE_CACHE", Path.home() / ".cache/weighbridge")) / "bench"
-
-
-def build_go() -> None:
-    subprocess.run(
-        ["go", "build", "-o", f"{BIN}/", "./..."],
-        cwd=testenv.ROOT / "bench" / "go",
-        check=True,
-        env={**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"},
-    )
+BIN = cache_dir() / "bench"
 
 
 @contextlib.contextmanager

@@ -32,7 +32,6 @@ loopback and stops by itself.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -41,7 +40,6 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -50,15 +48,26 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.launch import (
+    AUTHORITY,
+    Baseline,
+    ProxySpec,
+    build_go,
+    git,
+    haproxy_config,
+    nginx_config,
+    prepare_baseline,
+    put_set,
+    start_haproxy,
+    start_nginx,
+    start_weighbridge,
+    stop,
+)
+from bench.launch import ROOT as ROOT  # re-exported: bench/tuning.py imports it from here
+from bench.launch import cache_dir as cache_dir  # re-exported, as ROOT
 from bench.procstat import cpu_seconds, machine_cpu_seconds, rss_mb, thread_cpu_seconds, tree
 from devtools import testenv
-from weighbridge import etcd as store
-from weighbridge.keys import KeyScheme
-from weighbridge.model import BackendSet, Endpoint
 
-ROOT = testenv.ROOT
-AUTHORITY = "echo.default"
-PREFIX = "/bench/"
 CONNECTIONS = 8
 """Client connections to a proxy (direct: half as many to each of the two backends): enough
 for every thread or worker of a proxy to get some, since the kernel hands each accepted
@@ -66,74 +75,6 @@ connection to one of them and a connection stays where it landed."""
 
 OTHERS = frozenset({"direct", "nginx", "haproxy"})
 """The targets that are not Weighbridge."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("WEIGHBRIDGE_CACHE", Path.home() / ".cache/weighbridge"))
-
-
-def build_go() -> Path:
-    out = cache_dir() / "bench"
-    subprocess.run(
-        ["go", "build", "-o", str(out) + "/", "./..."],
-        cwd=ROOT / "bench" / "go",
-        check=True,
-        env={**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"},
-    )
-    return out
-
-
-def git(*args: str, cwd: Path = ROOT) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
-@dataclass(frozen=True)
-class Baseline:
-    commit: str
-    python: Path
-    src: Path
-
-
-def prepare_baseline(rev: str) -> Baseline:
-    """REV checked out (git worktree) with its own venv and engine, cached by commit."""
-    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    home = cache_dir() / "baseline" / commit[:12]
-    src, venv, stamp = home / "src", home / "venv", home / "ready"
-    python = venv / "bin" / "python"
-    if stamp.exists() and stamp.read_text().strip() == commit:
-        return Baseline(commit, python, src)
-    print(f"bench: preparing baseline {commit[:12]} in {home} (once)", file=sys.stderr)
-    home.mkdir(parents=True, exist_ok=True)
-    if not src.exists():
-        git("worktree", "prune")
-        git("worktree", "add", "--detach", str(src), commit)
-    elif git("rev-parse", "HEAD", cwd=src) != commit:
-        raise SystemExit(f"{src} is not at {commit}; remove it (git worktree remove) and retry")
-    if not python.exists():
-        py = os.environ.get("PYTHON311") or shutil.which("python3.11") or sys.executable
-        subprocess.run([py, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "-e", str(src)], check=True)
-    subprocess.run(
-        [*pip, str(src / "native")],
-        check=True,
-        env={**os.environ, "CARGO_TARGET_DIR": str(home / "target")},
-    )
-    stamp.write_text(commit + "\n")
-    return Baseline(commit, python, src)
-
-
-@dataclass
-class ProxySpec:
-    """A Weighbridge proxy to start: its name, interpreter, flags and where it runs."""
-
-    name: str
-    flags: list[str]
-    python: Path = Path(sys.executable)
-    cwd: Path = ROOT
-    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,52 +109,6 @@ def weighbridge_specs(baseline: Baseline | None) -> list[ProxySpec]:
     return specs
 
 
-def nginx_config(work: Path, port: int, backends: list[int]) -> Path:
-    conf = work / "nginx.conf"
-    servers = "\n".join(f"    server 127.0.0.1:{b};" for b in backends)
-    conf.write_text(f"""
-worker_processes {os.cpu_count()};
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-daemon off;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {work}/nginx-body;
-  upstream echo {{
-{servers}
-    keepalive 64;
-  }}
-  server {{
-    listen 127.0.0.1:{port} http2;
-    location / {{ grpc_pass grpc://echo; }}
-  }}
-}}
-""")
-    return conf
-
-
-def haproxy_config(work: Path, port: int, backends: list[int]) -> Path:
-    conf = work / "haproxy.cfg"
-    servers = "\n".join(f"  server s{i} 127.0.0.1:{b} proto h2" for i, b in enumerate(backends))
-    conf.write_text(f"""
-global
-  nbthread {os.cpu_count()}
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend fe
-  bind 127.0.0.1:{port} proto h2
-  default_backend echo
-backend echo
-  balance roundrobin
-{servers}
-""")
-    return conf
-
-
 @dataclass
 class Env:
     targets: list[Target]
@@ -240,80 +135,21 @@ def environment(
             for i, b in enumerate(backends)
         ]
         procs += backend_procs
-
-        async def put() -> None:
-            client = store.client(etcd.endpoint)
-            await store.put_set(
-                client,
-                KeyScheme(PREFIX),
-                BackendSet(
-                    namespace="default",
-                    name="echo",
-                    strategy="round_robin",
-                    endpoints=tuple(Endpoint("127.0.0.1", b) for b in backends),
-                ),
-            )
-            await client.close()
-
-        asyncio.run(put())
+        put_set(etcd.endpoint, backends)
         targets = [Target("direct", None)] if "direct" in others else []
         log = (work / "proxies.log").open("wb")
         for spec in specs:
             port, metrics = testenv.free_port(), testenv.free_port()
-            # The spec's directory first, so that a baseline or variant tree imports its own
-            # dataplane package whatever the interpreter's site-packages hold.
-            path = os.pathsep.join(p for p in (spec.env.get("PYTHONPATH"), str(spec.cwd)) if p)
-            proc = subprocess.Popen(
-                [
-                    str(spec.python),
-                    "-m",
-                    "dataplane.main",
-                    "--etcd",
-                    etcd.endpoint,
-                    "--prefix",
-                    PREFIX,
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--admin-listen",
-                    "127.0.0.1:0",
-                    "--metrics-listen",
-                    f"127.0.0.1:{metrics}",
-                    "--id",
-                    spec.name,
-                    "--log-level",
-                    "warning",
-                    "--log-format",
-                    "json",
-                    *spec.flags,
-                ],
-                stdout=log,
-                stderr=log,
-                cwd=spec.cwd,
-                env={**os.environ, **spec.env, "PYTHONPATH": path},
-            )
+            proc = start_weighbridge(spec, etcd.endpoint, port, metrics, log)
             targets.append(Target(spec.name, port, proc, metrics_port=metrics))
         if "nginx" in others and shutil.which("nginx"):
             port = testenv.free_port()
             conf = nginx_config(work, port, backends)
-            targets.append(
-                Target(
-                    "nginx",
-                    port,
-                    subprocess.Popen(
-                        ["nginx", "-c", str(conf), "-p", str(work)], stdout=log, stderr=log
-                    ),
-                )
-            )
+            targets.append(Target("nginx", port, start_nginx(work, conf, log)))
         if "haproxy" in others and shutil.which("haproxy"):
             port = testenv.free_port()
             conf = haproxy_config(work, port, backends)
-            targets.append(
-                Target(
-                    "haproxy",
-                    port,
-                    subprocess.Popen(["haproxy", "-f", str(conf), "-db"], stdout=log, stderr=log),
-                )
-            )
+            targets.append(Target("haproxy", port, start_haproxy(conf, log)))
         procs += [t.proc for t in targets if t.proc]
         time.sleep(3)
         for t in targets:
@@ -321,14 +157,7 @@ def environment(
                 raise RuntimeError(f"{t.name} exited at start; see {work / 'proxies.log'}")
         yield Env(targets, backends, backend_procs)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=15)
+        stop(procs)
         etcd.stop()
 
 
