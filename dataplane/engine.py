@@ -208,10 +208,7 @@ class NativeEngine:
     def __init__(
         self, sock: socket.socket, settings: ProxySettings, *, seed: int | None = None
     ) -> None:
-        # The type: ignores with "unused-ignore" in this class let mypy pass whether or not the
-        # engine's stub (native/weighbridge_native.pyi) declares its failover API (issue 10);
-        # drop them once it does.
-        self._engine = weighbridge_native.Engine(  # type: ignore[call-arg, unused-ignore]
+        self._engine = weighbridge_native.Engine(
             sock.fileno(),
             threads=settings.engine_threads,
             max_message_bytes=settings.max_message_bytes,
@@ -232,7 +229,7 @@ class NativeEngine:
 
     def apply(self, key: ServiceKey, route: RouteConfig) -> None:
         failover = route.failover
-        self._engine.apply(  # type: ignore[call-arg, unused-ignore]
+        self._engine.apply(
             key,
             route.strategy,
             [(e.hostport, e.pod, e.weight) for e in route.endpoints],
@@ -269,7 +266,7 @@ class NativeEngine:
         # most 12 items.
         out = []
         for row in self._engine.stats(key):
-            k, h, r, e, f, s, b, c, why, state = row  # type: ignore[misc, unused-ignore]
+            k, h, r, e, f, s, b, c, why, state = row
             out.append(BackendStats(ServiceKey(k), h, r, e, f, s, tuple(b), c, why, *state))
         return out
 
@@ -278,18 +275,18 @@ class NativeEngine:
         return EngineCounters(calls, in_flight, dict(local))
 
     def failover_counters(self) -> list[FailoverCount]:
-        rows = self._engine.failover_counters()  # type: ignore[attr-defined, unused-ignore]
+        rows = self._engine.failover_counters()
         return [FailoverCount(ServiceKey(k), c, n) for k, c, n in rows]
 
     def events(self) -> list[EndpointEvent]:
         return [
             EndpointEvent(unix, ServiceKey(k) if k else None, hostport, state, reason)
-            for unix, k, hostport, state, reason in self._engine.events()  # type: ignore[attr-defined, unused-ignore]
+            for unix, k, hostport, state, reason in self._engine.events()
         ]
 
     @property
     def events_dropped(self) -> int:
-        return self._engine.events_dropped  # type: ignore[attr-defined, no-any-return, unused-ignore]
+        return self._engine.events_dropped
 
     def thread_stats(self) -> list[ThreadStats]:
         return [ThreadStats(*row) for row in self._engine.thread_counters()]

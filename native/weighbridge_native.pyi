@@ -1,11 +1,8 @@
 """Weighbridge's data path in Rust (native/src): HTTP/2 forwarding, routing, per-request picks."""
 
 STRATEGIES: list[str]
-"""The strategy names the engine executes."""
 
 class Engine:
-    """Serves the listening socket ``fd`` (duplicated) on ``threads`` threads of its own."""
-
     def __init__(
         self,
         fd: int,
@@ -16,12 +13,25 @@ class Engine:
         latency_bounds_ns: list[int],
         max_connection_age_s: float,
         max_backend_connections: int,
+        handshake_timeout_s: float,
+        keepalive_time_s: float,
+        keepalive_timeout_s: float,
+        retry_buffer_bytes: int,
         seed: int | None = None,
     ) -> None: ...
     @property
     def threads(self) -> int: ...
     def apply(
-        self, key: str, strategy: str, endpoints: list[tuple[str, str, int]], total: int
+        self,
+        key: str,
+        strategy: str,
+        endpoints: list[tuple[str, str, int]],
+        total: int,
+        *,
+        retry: tuple[list[int], int, float, float, float, float, float] | None,
+        outlier: tuple[int, float, float, int] | None,
+        health_check: tuple[str, float, float, int, int] | None,
+        panic_threshold: int,
     ) -> None: ...
     def remove(self, key: str) -> None: ...
     def set_grpc_services(self, table: dict[str, str]) -> None: ...
@@ -29,8 +39,14 @@ class Engine:
     def explain(self, key: str) -> tuple[str, str]: ...
     def stats(
         self, key: str | None = None
-    ) -> list[tuple[str, str, int, int, int, float, list[int], bool, str]]: ...
+    ) -> list[
+        tuple[str, str, int, int, int, float, list[int], bool, str, tuple[str, str, float, int]]
+    ]: ...
     def counters(self) -> tuple[int, int, list[tuple[str, int]]]: ...
+    def failover_counters(self) -> list[tuple[str, str, int]]: ...
+    def events(self) -> list[tuple[float, str, str, str, str]]: ...
+    @property
+    def events_dropped(self) -> int: ...
     def thread_counters(self) -> list[tuple[int, int, int]]: ...
     def goaway(self) -> None: ...
     def close(self) -> None: ...

@@ -394,8 +394,8 @@ async fn check(
         .map_err(|e| e.to_string())?;
     let response = response.await.map_err(|e| e.to_string())?;
     let (head, mut body) = response.into_parts();
-    if let Some(code) = grpc::status_of(&head.headers) {
-        return Err(status_text(code, &head.headers));
+    if grpc::status_of(&head.headers).is_some() {
+        return Err(status_text(&head.headers));
     }
     let mut data = Vec::new();
     while let Some(chunk) = body.data().await {
@@ -410,7 +410,7 @@ async fn check(
         .unwrap_or_default();
     match grpc::status_of(&trailers) {
         Some(b"0") => {}
-        Some(code) => return Err(status_text(code, &trailers)),
+        Some(_) => return Err(status_text(&trailers)),
         None => return Err("no grpc-status in the answer".into()),
     }
     match serving_status(&data) {
@@ -422,14 +422,8 @@ async fn check(
     }
 }
 
-fn status_text(code: &[u8], headers: &http::HeaderMap) -> String {
-    let message = headers
-        .get("grpc-message")
-        .map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned())
-        .unwrap_or_default();
-    format!("grpc-status {} {message}", String::from_utf8_lossy(code))
-        .trim_end()
-        .to_string()
+fn status_text(headers: &http::HeaderMap) -> String {
+    grpc::status_text(headers).unwrap_or_default()
 }
 
 /// `status` (field 1, varint) of a length-prefixed HealthCheckResponse; None when absent.
