@@ -1,22 +1,24 @@
 """The engine's HTTP/2 constants measured side by side, to choose them by measurement.
 
 Each variant is the engine of one commit (HEAD by default) with constants of
-native/src/proxy.rs replaced; it is built once into ~/.cache/weighbridge/variants/ (a
+native/src/proxy.rs set to given values (every variant sets them explicitly, so that the
+commit's own value does not matter); it is built once into ~/.cache/weighbridge/variants/ (a
 `git archive` of the commit, the edited constant, a wheel installed with --target), outside
 the checkout, and runs as `weighbridge-proxy --threads 1` from that tree with this venv's
-interpreter. The untouched engine of the same commit is built the same way, so that variants
-differ only in the constant. Same grpc-go echo backends and load generator as bench/compare.py;
-rounds interleaved (the order of variants reversed every other round), medians reported.
+interpreter, so that variants differ only in the constant. Same grpc-go echo backends and load
+generator as bench/compare.py; rounds interleaved (the order of variants reversed every other
+round), medians reported, with each round's calls/s to show the noise.
 
     .venv/bin/python -m bench.tuning window  [--rounds 5] [--seconds 10] [--rev REV] [--json P]
     .venv/bin/python -m bench.tuning streams [--rounds 5] [--seconds 10] [--rev REV] [--json P]
 
-window   CONNECTION_WINDOW, 8 MiB (the engine's) against 16 MiB (the removed Python engine's):
-         1 MiB unary calls, 16 in flight, on one client connection and on 8: throughput in
-         MiB/s each way, proxy CPU, proxy RSS (after the run, and the peak).
-streams  MAX_CONCURRENT_STREAMS advertised to clients, 4096 (the engine's) against 1000 (the
-         Python engine's): 64-byte calls, 2000 in flight on ONE client connection:
-         throughput, p50/p99, proxy CPU per call, RSS.
+window   CONNECTION_WINDOW (the proxy's receive window per HTTP/2 connection, to clients and
+         to backends), 8 MiB against 16 MiB (the removed Python engine's): 1 MiB unary calls,
+         16 in flight, on one client connection and on 8: throughput in MiB/s each way, proxy
+         CPU, proxy RSS (after each run, and the peak).
+streams  MAX_CONCURRENT_STREAMS advertised to clients, 4096 against 1000 (the removed Python
+         engine's): 64-byte calls, 2000 in flight on ONE client connection (grpc-go queues
+         what exceeds the limit in the client): throughput, p50/p99, CPU per call, RSS.
 
 Everything runs on loopback; runs are bounded in time and every process is stopped on exit.
 """
@@ -66,14 +68,20 @@ class Experiment:
 MIB = 1 << 20
 EXPERIMENTS = {
     "window": Experiment(
-        {"window-8MiB": {}, "window-16MiB": {"CONNECTION_WINDOW": "16 << 20"}},
+        {
+            "window-8MiB": {"CONNECTION_WINDOW": "8 << 20"},
+            "window-16MiB": {"CONNECTION_WINDOW": "16 << 20"},
+        },
         (
             Load("1 MiB calls, 16 in flight, 1 connection", 1, 16, MIB),
             Load("1 MiB calls, 16 in flight, 8 connections", 8, 16, MIB),
         ),
     ),
     "streams": Experiment(
-        {"streams-4096": {}, "streams-1000": {"MAX_CONCURRENT_STREAMS": "1000"}},
+        {
+            "streams-4096": {"MAX_CONCURRENT_STREAMS": "4096"},
+            "streams-1000": {"MAX_CONCURRENT_STREAMS": "1000"},
+        },
         (Load("64 B calls, 2000 in flight, 1 connection", 1, 2000, 64),),
     ),
 }
