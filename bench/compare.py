@@ -7,9 +7,9 @@ connections to every proxy):
     direct          the load generator calls both backends itself (the limit)
     weighbridge-1t  weighbridge-proxy --threads 1
     weighbridge-2t  weighbridge-proxy --threads 2
-    before-1        with --baseline REV only: REV's weighbridge-proxy, started with
-                    --workers 1 --engine native (the flags of the single-threaded engine that
-                    issue 9 replaced), for "not worse than before" in the same run
+    before-1        with --baseline REV only: REV's weighbridge-proxy on one engine thread
+                    (--threads 1; a revision from before issue 9 gets its equivalent,
+                    --workers 1 --engine native), for "not worse than before" in the same run
     nginx           nginx grpc_pass (Debian package), a worker per core
     haproxy         HAProxy, proto h2 (Debian package), a thread per core
 
@@ -98,10 +98,11 @@ def weighbridge_specs(baseline: Baseline | None) -> list[ProxySpec]:
         ProxySpec("weighbridge-2t", ["--threads", "2"]),
     ]
     if baseline is not None:
+        threads = "--threads" in (baseline.src / "dataplane" / "main.py").read_text()
         specs.append(
             ProxySpec(
                 "before-1",
-                ["--workers", "1", "--engine", "native"],
+                ["--threads", "1"] if threads else ["--workers", "1", "--engine", "native"],
                 python=baseline.python,
                 cwd=baseline.src,
             )
@@ -503,7 +504,7 @@ def main() -> None:
     p.add_argument(
         "--baseline",
         metavar="REV",
-        help="also measure REV's proxy (--workers 1 --engine native) as target before-1",
+        help="also measure REV's proxy on one engine thread as target before-1",
     )
     p.add_argument(
         "--targets",
