@@ -361,19 +361,41 @@ async fn check(
     service: &str,
     handshake: Duration,
 ) -> Result<(), String> {
-    if conn.is_none() {
-        *conn = Some(pool::dial(hostport, handshake, |_| {}).await?.0);
-    }
-    let sender = conn.as_mut().expect("connected above");
-    let mut sender = sender.clone().ready().await.map_err(|e| e.to_string())?;
-    let request = http::Request::post(format!("http://{hostport}/grpc.health.v1.Health/Check"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("a valid request");
-    let (response, mut body) = sender
-        .send_request(request, false)
-        .map_err(|e| e.to_string())?;
+    let request = || {
+        http::Request::post(format!("http://{hostport}/grpc.health.v1.Health/Check"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("a valid request")
+    };
+    // A kept connection that takes no new stream (the backend sent GOAWAY, as when it limits
+    // connection age, or it broke) says nothing about the backend: check on a fresh one.
+    let kept = match conn.take() {
+        Some(sender) => match sender.ready().await {
+            Ok(mut ready) => ready
+                .send_request(request(), false)
+                .ok()
+                .map(|s| (ready, s)),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let (sender, (response, mut body)) = match kept {
+        Some(sent) => sent,
+        None => {
+            let mut sender = pool::dial(hostport, handshake, |_| {})
+                .await?
+                .0
+                .ready()
+                .await
+                .map_err(|e| e.to_string())?;
+            let sent = sender
+                .send_request(request(), false)
+                .map_err(|e| e.to_string())?;
+            (sender, sent)
+        }
+    };
+    *conn = Some(sender);
     // HealthCheckRequest { string service = 1; }, length-prefixed.
     let mut message = Vec::with_capacity(8 + service.len());
     if !service.is_empty() {
