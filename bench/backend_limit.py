@@ -122,6 +122,7 @@ def main() -> None:
                                 *("--etcd", etcd.endpoint, "--prefix", scheme.prefix),
                                 *("--listen", f"127.0.0.1:{port}", "--threads", "1"),
                                 *("--admin-listen", "", "--metrics-listen", ""),
+                                *("--health-listen", ""),
                                 *(
                                     "--max-backend-connections",
                                     str(conns),

@@ -136,6 +136,10 @@ def start_weighbridge(
     # The spec's directory first, so that a baseline or variant tree imports its own
     # dataplane package whatever the interpreter's site-packages hold.
     path = os.pathsep.join(p for p in (spec.env.get("PYTHONPATH"), str(spec.cwd)) if p)
+    # A revision with its own health port (default 0.0.0.0:9503) gets an ephemeral one, so
+    # proxies started side by side never contend for it; older revisions have no such flag.
+    main = (spec.cwd / "dataplane" / "main.py").read_text()
+    health = ["--health-listen", "127.0.0.1:0"] if "--health-listen" in main else []
     return subprocess.Popen(
         [
             str(spec.python),
@@ -144,6 +148,7 @@ def start_weighbridge(
             *("--etcd", etcd, "--prefix", PREFIX),
             *("--listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0"),
             *("--metrics-listen", f"127.0.0.1:{metrics}", "--id", spec.name),
+            *health,
             *("--log-level", "warning", "--log-format", "json"),
             *spec.flags,
         ],

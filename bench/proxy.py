@@ -72,6 +72,8 @@ def processes(
             f"127.0.0.1:{ports[2]}",
             "--admin-listen",
             "127.0.0.1:0",
+            "--health-listen",
+            "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
             "--log-level",

@@ -60,6 +60,8 @@ def start_proxies(
             f"127.0.0.1:{testenv.free_port()}",
             "--admin-listen",
             f"127.0.0.1:{admin}",
+            "--health-listen",
+            "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
             "--id",

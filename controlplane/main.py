@@ -25,7 +25,7 @@ from controlplane.metrics import Metrics
 from controlplane.reconciling import Controller
 from controlplane.settings import DEFAULTS, ControllerSettings, Source
 from weighbridge import etcd as store
-from weighbridge.cli import add_etcd_arguments, add_log_arguments, split_hostport
+from weighbridge.cli import add_etcd_arguments, add_log_arguments, etcd_tls, split_hostport
 from weighbridge.keys import KeyScheme
 from weighbridge.logs import configure
 
@@ -80,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--admin-listen",
         default=d.admin_listen,
-        help="gRPC health and reflection (default: %(default)s)",
+        help="gRPC reflection and health for grpcurl through kubectl port-forward; "
+        "'' to disable (default: %(default)s)",
+    )
+    p.add_argument(
+        "--health-listen",
+        default=d.health_listen,
+        help="gRPC health (grpc.health.v1) for the kubelet's probes; '' to disable "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--metrics-listen",
@@ -99,9 +106,27 @@ def settings_of(args: argparse.Namespace) -> ControllerSettings:
         lease_ttl=args.lease_ttl,
         resync_interval=args.resync,
         workers=args.workers,
-        admin_listen=args.admin_listen,
+        admin_listen=args.admin_listen or None,
+        health_listen=args.health_listen or None,
         metrics_listen=args.metrics_listen,
     )
+
+
+async def grpc_server(
+    listen: str, health: health_aio.HealthServicer, *, reflect: bool
+) -> grpc.aio.Server:
+    """A started gRPC server with the health service on ``listen``; with ``reflect`` (the
+    loopback admin port) also server reflection, so grpcurl works through a port-forward."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if reflect:
+        reflection.enable_server_reflection(
+            (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+    server.add_insecure_port(listen)
+    await server.start()
+    return server
 
 
 async def run(args: argparse.Namespace, settings: ControllerSettings) -> None:
@@ -111,18 +136,15 @@ async def run(args: argparse.Namespace, settings: ControllerSettings) -> None:
     metrics_server, metrics_thread = start_http_server(port, addr=host, registry=registry)
 
     health_servicer = health_aio.HealthServicer()
-    server = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    server.add_insecure_port(settings.admin_listen)
-    await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    servers = [
+        await grpc_server(listen, health_servicer, reflect=reflect)
+        for listen, reflect in ((settings.admin_listen, True), (settings.health_listen, False))
+        if listen
+    ]
 
     kube = await Kube.connect(args.kubeconfig, args.context)
-    etcd = store.client(args.etcd)
+    etcd = store.client(args.etcd, tls=etcd_tls(args))
     controller = Controller(
         kube=kube,
         etcd=etcd,
@@ -138,6 +160,7 @@ async def run(args: argparse.Namespace, settings: ControllerSettings) -> None:
         prefix=args.prefix,
         source=settings.source,
         admin=settings.admin_listen,
+        health=settings.health_listen,
         metrics=settings.metrics_listen,
     )
 
@@ -161,7 +184,8 @@ async def run(args: argparse.Namespace, settings: ControllerSettings) -> None:
     for t in (task, ready, stopper):
         with contextlib.suppress(asyncio.CancelledError):
             await t
-    await server.stop(grace=2)
+    for server in servers:
+        await server.stop(grace=2)
     await store.close(etcd)
     await kube.close()
     metrics_server.shutdown()

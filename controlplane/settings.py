@@ -43,9 +43,13 @@ class ControllerSettings:
     """Services reconciled at once (never one Service by two workers). A sync mostly
     waits on one etcd transaction, so a few keep a burst (a rollout touching many Services)
     moving without flooding etcd or the API server."""
-    admin_listen: str = "0.0.0.0:9401"
-    """gRPC health and server reflection: every interface, since the kubelet's gRPC probes
-    connect to the pod's IP. Its own port, so probes never wait behind metrics scrapes."""
+    admin_listen: str | None = "127.0.0.1:9401"
+    """gRPC server reflection and health for ``grpcurl``; None to disable. Loopback: reached
+    by entering the pod (``kubectl port-forward``), never from the network, like the proxy's."""
+    health_listen: str | None = "0.0.0.0:9403"
+    """gRPC health (grpc.health.v1 only) for the kubelet's gRPC probes; None to disable. Every
+    interface, since the kubelet connects to the pod's IP; its own port, so probes never wait
+    behind metrics scrapes."""
     metrics_listen: str = "0.0.0.0:9402"
     """Prometheus /metrics over HTTP: every interface, since Prometheus scrapes the pod's
     IP."""

@@ -88,8 +88,10 @@ class Proxy:
         self.routes = Routes(self.engine)
         self.subscription = Subscription(etcd, scheme, self.routes.apply)
         self.admin_port = 0
+        self.health_port = 0
         self.metrics_port = 0
         self._admin: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._metrics: tuple[object, threading.Thread] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -109,8 +111,11 @@ class Proxy:
                 lambda: len(self.routes.services),
             )
             self._tasks.append(loop.create_task(status.run(), name="status"))
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.settings.admin_listen:
             await self._start_admin(self.settings.admin_listen)
+        if self.settings.health_listen:
+            await self._start_health(self.settings.health_listen)
         if self.settings.metrics_listen:
             registry = CollectorRegistry(auto_describe=False)
             registry.register(ProxyCollector(self.engine, self.routes, self.subscription))
@@ -123,6 +128,7 @@ class Proxy:
             "proxy_started",
             listen=self.port,
             admin=self.admin_port,
+            health=self.health_port,
             metrics=self.metrics_port,
             threads=self.engine.threads,
             max_connection_age=self.settings.max_connection_age,
@@ -133,19 +139,22 @@ class Proxy:
         admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
             AdminService(self.proxy_id, self.routes, self.engine, self.subscription), server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (
-                admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
+            (admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name, reflection.SERVICE_NAME),
             server,
         )
         self.admin_port = server.add_insecure_port(listen)
         await server.start()
-        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self._admin = server
+
+    async def _start_health(self, listen: str) -> None:
+        """grpc.health.v1 alone (no reflection, no admin): what the kubelet's gRPC probes ask,
+        on every interface, telling nothing about the backends."""
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.health_port = server.add_insecure_port(listen)
+        await server.start()
+        self._health_server = server
 
     async def _mark_serving(self) -> None:
         await self.subscription.listed.wait()
@@ -174,8 +183,9 @@ class Proxy:
                 log.error("task_failed", task=t.get_name(), error=repr(t.exception()))
         if stuck:
             log.warning("tasks_did_not_stop", tasks=sorted(t.get_name() for t in stuck))
-        if self._admin is not None:
-            await self._admin.stop(grace=1)
+        for grpc_server in (self._admin, self._health_server):
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1)
         if self._metrics is not None:
             server, thread = self._metrics
             server.shutdown()  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ import structlog
 from dataplane.app import Proxy
 from dataplane.settings import DEFAULTS, ProxySettings, available_cpus
 from weighbridge import etcd as store
-from weighbridge.cli import add_etcd_arguments, add_log_arguments
+from weighbridge.cli import add_etcd_arguments, add_log_arguments, etcd_tls
 from weighbridge.keys import KeyScheme
 from weighbridge.logs import configure
 
@@ -42,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--admin-listen",
         default=d.admin_listen,
-        help="admin gRPC API, health, reflection; '' to disable (%(default)s)",
+        help="admin gRPC API and reflection, reached with kubectl port-forward; "
+        "'' to disable (%(default)s)",
+    )
+    p.add_argument(
+        "--health-listen",
+        default=d.health_listen,
+        help="gRPC health (grpc.health.v1) for the kubelet's probes; '' to disable (%(default)s)",
     )
     p.add_argument(
         "--metrics-listen",
@@ -133,6 +139,7 @@ def settings_of(args: argparse.Namespace) -> ProxySettings:
     return ProxySettings(
         listen=args.listen,
         admin_listen=args.admin_listen or None,
+        health_listen=args.health_listen or None,
         metrics_listen=args.metrics_listen or None,
         threads=args.threads,
         max_connection_age=args.max_connection_age,
@@ -149,7 +156,7 @@ def settings_of(args: argparse.Namespace) -> ProxySettings:
 
 async def serve(args: argparse.Namespace) -> None:
     structlog.contextvars.bind_contextvars(component="proxy", proxy_id=args.id)
-    etcd = store.client(args.etcd)
+    etcd = store.client(args.etcd, tls=etcd_tls(args))
     proxy = Proxy(
         etcd=etcd, scheme=KeyScheme(args.prefix), proxy_id=args.id, settings=settings_of(args)
     )

@@ -16,9 +16,14 @@ from pathlib import Path
 class ProxySettings:
     listen: str = "0.0.0.0:8080"
     """Where clients connect (gRPC over h2c): every interface, since clients are elsewhere."""
-    admin_listen: str | None = "0.0.0.0:9501"
-    """Admin gRPC API, health and reflection; None to disable. Its own port so that a probe or
-    port-forward never competes with client traffic."""
+    admin_listen: str | None = "127.0.0.1:9501"
+    """Admin gRPC API (ListBackendSets, Explain) and reflection; None to disable. Loopback: it
+    tells anyone who reaches it every backend of every Service, so it is reached by entering the
+    pod (``kubectl port-forward``), never from the network."""
+    health_listen: str | None = "0.0.0.0:9503"
+    """gRPC health (grpc.health.v1 only), for the kubelet's gRPC probes; None to disable. Every
+    interface, since the kubelet connects to the pod's IP; it tells nothing but SERVING or
+    NOT_SERVING, and has its own port so that a probe never waits behind client traffic."""
     metrics_listen: str | None = "0.0.0.0:9502"
     """Prometheus /metrics over HTTP; None to disable."""
     threads: int | None = None

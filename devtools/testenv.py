@@ -301,8 +301,8 @@ def start_controller(
     lease_ttl: int | None = None,
     log_level: str = "info",
 ) -> subprocess.Popen[bytes]:
-    """A weighbridge-controller process on ephemeral admin/metrics ports, JSON logs to ``log``;
-    ``lease_ttl`` None: the controller's default."""
+    """A weighbridge-controller process on ephemeral admin, health and metrics ports, JSON
+    logs to ``log``; ``lease_ttl`` None: the controller's default."""
     tuning = [] if lease_ttl is None else ["--lease-ttl", str(lease_ttl)]
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -320,6 +320,8 @@ def start_controller(
                 identity,
                 *tuning,
                 "--admin-listen",
+                "127.0.0.1:0",
+                "--health-listen",
                 "127.0.0.1:0",
                 "--metrics-listen",
                 "127.0.0.1:0",
@@ -358,6 +360,8 @@ def start_proxy(
                 f"127.0.0.1:{port}",
                 "--admin-listen",
                 f"127.0.0.1:{admin_port}",
+                "--health-listen",
+                "127.0.0.1:0",
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--id",

@@ -243,6 +243,7 @@ async def running_proxy(
             **{
                 "listen": "127.0.0.1:0",
                 "admin_listen": "127.0.0.1:0",
+                "health_listen": "127.0.0.1:0",
                 "metrics_listen": "127.0.0.1:0",
                 **settings,
             }

@@ -222,6 +222,7 @@ def test_default_values_leave_every_tunable_to_the_binaries(helm: Path) -> None:
         "--prefix",
         "--source",
         "--admin-listen",
+        "--health-listen",
         "--metrics-listen",
         "--log-format",
     }
@@ -230,6 +231,7 @@ def test_default_values_leave_every_tunable_to_the_binaries(helm: Path) -> None:
         "--prefix",
         "--listen",
         "--admin-listen",
+        "--health-listen",
         "--metrics-listen",
         "--grace",
         "--log-format",

@@ -357,7 +357,7 @@ async def test_message_over_the_limit_is_refused(
             assert "larger than the proxy's limit of 1048576 bytes" in str(info.value.details())
 
 
-async def test_admin_api_health_reflection_metrics_and_status_key(
+async def test_admin_api_health_reflection_metrics_and_status_key_on_their_own_ports(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
     async with (
@@ -391,13 +391,21 @@ async def test_admin_api_health_reflection_metrics_and_status_key(
             assert "weighted_round_robin" in explained.reason
             missing = await stub.Explain(admin_pb2.ExplainRequest(authority="nope.default"))
             assert "no backend set for Service default/nope" in missing.error
-            health = await health_pb2_grpc.HealthStub(admin).Check(health_pb2.HealthCheckRequest())
-            assert health.status == health_pb2.HealthCheckResponse.SERVING
             refl = reflection_pb2_grpc.ServerReflectionStub(admin).ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")])
             )
             names = {s.name async for r in refl for s in r.list_services_response.service}
-            assert {"weighbridge.v1.Admin", "grpc.health.v1.Health"} <= names
+            assert "weighbridge.v1.Admin" in names and "grpc.health.v1.Health" not in names
+        # The health port (what the kubelet probes, on every interface in a pod) answers
+        # grpc.health.v1 and nothing else: no backend set is told there.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.health_port}") as probe:
+            health = await health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await admin_pb2_grpc.AdminStub(probe).ListBackendSets(
+                    admin_pb2.ListBackendSetsRequest()
+                )
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
         body = await asyncio.to_thread(
             lambda: (
                 urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=5)

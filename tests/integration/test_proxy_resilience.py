@@ -142,6 +142,7 @@ async def test_threads_share_one_port_one_subscription_and_one_rotation(
                     *("--etcd", etcd_server.endpoint, "--prefix", scheme.prefix),
                     *("--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"),
                     *("--metrics-listen", f"127.0.0.1:{metrics}", "--threads", "2"),
+                    *("--health-listen", "127.0.0.1:0"),
                     *("--id", "th", "--log-format", "json"),
                 ],
                 stdout=log,

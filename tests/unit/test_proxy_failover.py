@@ -231,7 +231,11 @@ async def test_a_running_proxy_logs_engine_events_and_the_last_ones_before_the_e
         scheme=KeyScheme("/wb/"),
         proxy_id="p",
         settings=ProxySettings(
-            listen="127.0.0.1:0", admin_listen=None, metrics_listen=None, publish_status=False
+            listen="127.0.0.1:0",
+            admin_listen=None,
+            health_listen=None,
+            metrics_listen=None,
+            publish_status=False,
         ),
     )
     first = EndpointEvent(1.0, KEY, "10.0.0.1:80", "ejected", "5 consecutive failures")

@@ -121,3 +121,15 @@ def test_unreadable_cgroups_mean_the_affinity(tmp_path: Path) -> None:
     assert available_cpus(proc_self_cgroup=tmp_path / "none", root=tmp_path) == AFFINITY
     paths = fake_cgroup(tmp_path, "0::/\n", {"cpu.max": "garbage\n"})
     assert available_cpus(**paths) == AFFINITY
+
+
+def test_admin_listens_on_loopback_and_health_on_every_interface() -> None:
+    """The admin API tells every backend of every Service: only ``kubectl port-forward``
+    (which enters the pod) reaches it by default, while the kubelet probes the pod's IP."""
+    from controlplane.settings import DEFAULTS as CONTROLLER
+
+    for settings in (DEFAULTS, CONTROLLER):
+        assert settings.admin_listen is not None and settings.admin_listen.startswith("127.0.0.1:")
+        assert settings.health_listen is not None and settings.health_listen.startswith("0.0.0.0:")
+    assert (DEFAULTS.admin_listen, DEFAULTS.health_listen) == ("127.0.0.1:9501", "0.0.0.0:9503")
+    assert (CONTROLLER.admin_listen, CONTROLLER.health_listen) == ("127.0.0.1:9401", "0.0.0.0:9403")

@@ -18,6 +18,7 @@ OTHERS = ControllerSettings(
     resync_interval=DEFAULTS.resync_interval + 7.5,
     workers=DEFAULTS.workers + 7,
     admin_listen="127.0.0.1:19401",
+    health_listen="127.0.0.1:19403",
     metrics_listen="127.0.0.1:19402",
 )
 """Settings that differ from DEFAULTS in every field."""
