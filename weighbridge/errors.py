@@ -11,3 +11,19 @@ class DecodeError(WeighbridgeError):
 
 class EtcdUnavailableError(WeighbridgeError):
     """etcd could not be reached or did not answer in time."""
+
+
+class EtcdPermissionDeniedError(EtcdUnavailableError):
+    """etcd refused a request: the client certificate's user (its CN) lacks a role for the key.
+
+    A subclass of :class:`EtcdUnavailableError` so every loop that retries an unreachable
+    etcd also retries this one (it heals when the roles are fixed); its message names the fix.
+    """
+
+
+class EtcdCredentialsError(EtcdUnavailableError):
+    """A TLS file for etcd (--etcd-cacert, --etcd-cert, --etcd-key) cannot be read or is not PEM.
+
+    At start-up it is fatal; at a reconnect it is retried like an unreachable etcd, since a
+    mounted Secret may be between two versions.
+    """

@@ -25,7 +25,8 @@ import aetcd
 import grpc
 
 from weighbridge import etcd as store
-from weighbridge.cli import add_etcd_arguments
+from weighbridge import etcdauth
+from weighbridge.cli import add_etcd_arguments, etcd_tls
 from weighbridge.errors import WeighbridgeError
 from weighbridge.keys import KeyScheme, parse_service_key
 from weighbridge.model import STRATEGIES, BackendSet, Endpoint
@@ -275,7 +276,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         service = parse_service_key(args.service) if args.service else None
         return await show_backends(args.admin, service, args.output, out)
     scheme = KeyScheme(args.prefix)
-    etcd = store.client(args.etcd)
+    etcd = store.client(args.etcd, tls=etcd_tls(args))
     try:
         if args.command == "get":
             if args.service:
@@ -325,6 +326,10 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
             return 0
         if args.command == "proxies":
             return await show_proxies(etcd, scheme, args.output, out)
+        if args.command == "etcd-auth":
+            for line in await etcdauth.setup(etcd, scheme):
+                out.write(line + "\n")
+            return 0
         raise AssertionError(args.command)
     finally:
         await store.close(etcd)
@@ -383,6 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
         "deploy/weighbridge-proxy 9501 (%(default)s)",
     )
     backends.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    etcd_auth = sub.add_parser("etcd-auth", help="etcd users and roles for Weighbridge")
+    etcd_auth_sub = etcd_auth.add_subparsers(dest="etcd_auth_command", required=True)
+    setup = etcd_auth_sub.add_parser(
+        "setup",
+        help="idempotently create the weighbridge-controller, weighbridge-proxy and root users "
+        "and roles (users are client certificates' CNs) and enable auth; see "
+        "docs/etcd-security.md",
+    )
+    setup.add_argument(
+        "--prefix", default=argparse.SUPPRESS, help="etcd key prefix the roles cover"
+    )
     return p
 
 
