@@ -193,6 +193,12 @@ class Engine(Protocol):
         """State changes dropped from the engine's bounded queue because nobody read them."""
         ...
 
+    @property
+    def tls_failures(self) -> int:
+        """Client connections refused at TLS: no handshake in time, a failed one (a refused
+        client certificate among them), or plaintext on a TLS-only port."""
+        ...
+
     def thread_stats(self) -> list[ThreadStats]: ...
 
     def goaway(self) -> None:
@@ -220,6 +226,7 @@ class NativeEngine:
             keepalive_time_s=settings.keepalive_time_s,
             keepalive_timeout_s=settings.keepalive_timeout_s,
             retry_buffer_bytes=settings.retry_buffer_bytes,
+            tls=settings.engine_tls,
             seed=seed,
         )
 
@@ -287,6 +294,10 @@ class NativeEngine:
     @property
     def events_dropped(self) -> int:
         return self._engine.events_dropped
+
+    @property
+    def tls_failures(self) -> int:
+        return self._engine.tls_failures
 
     def thread_stats(self) -> list[ThreadStats]:
         return [ThreadStats(*row) for row in self._engine.thread_counters()]

@@ -108,6 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
         "more is not retried (%(default)s = 256 KiB)",
     )
     p.add_argument(
+        "--tls-cert",
+        metavar="PATH",
+        help="serve TLS (ALPN h2) on --listen with this PEM certificate chain; re-read when it "
+        "changes (default: h2c only)",
+    )
+    p.add_argument("--tls-key", metavar="PATH", help="the certificate's PEM private key")
+    p.add_argument(
+        "--tls-client-ca",
+        metavar="PATH",
+        help="require client certificates signed by this PEM CA bundle (mTLS)",
+    )
+    p.add_argument(
+        "--tls-allowed-identities",
+        default="",
+        metavar="LIST",
+        help="with mTLS, the client identities let in, comma-separated: SAN DNS names, SAN URIs "
+        "(spiffe://…) or CN (default: any certificate the CA signed)",
+    )
+    p.add_argument(
+        "--allow-h2c",
+        action="store_true",
+        help="with --tls-cert, also accept plaintext h2c on the same port",
+    )
+    p.add_argument(
         "--max-message-bytes",
         type=positive_int,
         default=d.max_message_bytes,
@@ -149,6 +173,13 @@ def settings_of(args: argparse.Namespace) -> ProxySettings:
         keepalive_timeout_s=args.backend_keepalive_timeout,
         retry_buffer_bytes=args.retry_buffer_bytes,
         max_message_bytes=args.max_message_bytes,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        tls_allowed_identities=tuple(
+            i.strip() for i in args.tls_allowed_identities.split(",") if i.strip()
+        ),
+        allow_h2c=args.allow_h2c,
         grace=args.grace,
         eager_connections=not args.lazy_connect,
     )

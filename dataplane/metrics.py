@@ -117,7 +117,13 @@ class ProxyCollector(Collector):
             "Endpoint state changes the engine dropped, unread (their log lines are missing).",
         )
         dropped.add_metric([], self.engine.events_dropped)
-        yield from (retries, exhausted, ejections, checks, dropped)
+        tls = CounterMetricFamily(
+            "weighbridge_proxy_tls_failures",
+            "Client connections refused at TLS: no or a failed handshake (a refused client "
+            "certificate among them), or plaintext on a TLS-only port.",
+        )
+        tls.add_metric([], self.engine.tls_failures)
+        yield from (retries, exhausted, ejections, checks, dropped, tls)
 
     def _engine(self) -> Iterator[Family]:
         counters = self.engine.counters()

@@ -55,6 +55,23 @@ class ProxySettings:
     """Request bytes kept per call, until its response begins, so that a retry (transparent or
     configured) can send them again; a call whose request outgrows this is not retried. 256 KiB
     holds nearly every unary request and bounds what retries make the proxy hold per call."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) for TLS with ALPN h2 on the client port; None: h2c only. The
+    files are read again every ``tls_reload_interval_s``, so a rotated Secret is served without
+    a restart (mounted Secrets change by a symlink swap, which watching a file would miss)."""
+    tls_key: str | None = None
+    """The certificate's PEM private key."""
+    tls_client_ca: str | None = None
+    """With TLS: require client certificates signed by this PEM CA bundle (mTLS)."""
+    tls_allowed_identities: tuple[str, ...] = ()
+    """With mTLS: the client identities allowed in (SAN DNS names, SAN URIs such as SPIFFE IDs,
+    or the subject CN); empty: any certificate the CA signed."""
+    allow_h2c: bool = False
+    """With TLS: accept plaintext h2c on the same port too (told apart by the first byte), for
+    a migration; off, since a TLS port that also takes plaintext protects nothing."""
+    tls_reload_interval_s: float = 10.0
+    """Seconds between reads of the TLS files: a Secret's change reaches the pod about a minute
+    late anyway, and reading three small files costs nothing."""
     max_message_bytes: int = 16 << 20
     """Largest gRPC message either way: 16 MiB holds what real APIs send (gRPC's own default
     of 4 MiB is often raised) while bounding what one call can make the proxy forward."""
@@ -88,6 +105,28 @@ class ProxySettings:
             raise ValueError(f"retry buffer bytes must be ≥ 1, not {self.retry_buffer_bytes}")
         if self.max_message_bytes < 1:
             raise ValueError(f"max message bytes must be ≥ 1, not {self.max_message_bytes}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_cert is None and (self.tls_client_ca or self.allow_h2c):
+            raise ValueError("--tls-client-ca and --allow-h2c need --tls-cert and --tls-key")
+        if self.tls_allowed_identities and not self.tls_client_ca:
+            raise ValueError("--tls-allowed-identities needs --tls-client-ca (mTLS)")
+        if not (self.tls_reload_interval_s > 0 and math.isfinite(self.tls_reload_interval_s)):
+            raise ValueError(f"TLS reload interval must be > 0 s, not {self.tls_reload_interval_s}")
+
+    @property
+    def engine_tls(self) -> tuple[str, str, str, list[str], bool, float] | None:
+        """The engine's ``tls`` argument, None without TLS."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return (
+            self.tls_cert,
+            self.tls_key,
+            self.tls_client_ca or "",
+            list(self.tls_allowed_identities),
+            self.allow_h2c,
+            self.tls_reload_interval_s,
+        )
 
     @property
     def engine_threads(self) -> int:

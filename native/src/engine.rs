@@ -20,7 +20,13 @@ use crate::retry::{Budget, RetryArg, RetryPolicy, ServiceCounters};
 use crate::routing::{Policy, Route, Table, Target};
 use crate::stats::{Counters, Stats};
 use crate::strategy::Picker;
+use crate::tls::{Paths, ServerTls};
 use crate::workers::{self, WorkerCounters};
+
+/// The client port's TLS as Python hands it over: (certificate file, key file, client CA file
+/// or "" for no client certificates, allowed client identities, also accept h2c, seconds
+/// between reads of the files).
+type TlsArg = (String, String, String, Vec<String>, bool, f64);
 
 /// What one Service keeps across set updates: per endpoint (HOST:PORT) its counters and its
 /// failover state, its retry budget and its failover counters.
@@ -47,6 +53,8 @@ pub struct Shared {
     pub retry_buffer_bytes: usize,
     /// A client connection gets GOAWAY after about this long (±10%); None: never.
     pub max_connection_age: Option<Duration>,
+    /// TLS on the client port, if it serves TLS.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 impl Shared {
@@ -104,7 +112,7 @@ impl Engine {
     #[pyo3(signature = (
         fd, *, threads, max_message_bytes, eager, latency_bounds_ns, max_connection_age_s,
         max_backend_connections, handshake_timeout_s, keepalive_time_s, keepalive_timeout_s,
-        retry_buffer_bytes, seed=None
+        retry_buffer_bytes, tls=None, seed=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -119,8 +127,23 @@ impl Engine {
         keepalive_time_s: f64,
         keepalive_timeout_s: f64,
         retry_buffer_bytes: usize,
+        tls: Option<TlsArg>,
         seed: Option<u64>,
     ) -> PyResult<Self> {
+        let tls = match tls {
+            None => None,
+            Some((cert, key, client_ca, allowed, allow_h2c, every)) => {
+                let paths = Paths {
+                    cert: cert.into(),
+                    key: key.into(),
+                    client_ca: (!client_ca.is_empty()).then(|| client_ca.into()),
+                    allowed,
+                };
+                let every = seconds("tls reload interval", every)?.max(Duration::from_millis(10));
+                let tls = ServerTls::load(paths, allow_h2c).map_err(PyValueError::new_err)?;
+                Some((Arc::new(tls), every))
+            }
+        };
         let tuning = Tuning {
             handshake_timeout: seconds("handshake_timeout_s", handshake_timeout_s)?,
             keepalive_time: Some(seconds("keepalive_time_s", keepalive_time_s)?)
@@ -175,7 +198,32 @@ impl Engine {
             max_message_bytes,
             max_connection_age: (max_connection_age_s > 0.0)
                 .then(|| Duration::from_secs_f64(max_connection_age_s)),
+            tls: tls.as_ref().map(|(t, _)| Arc::clone(t)),
         });
+        if let Some((tls, every)) = tls {
+            // Mounted Secrets change by a symlink swap: read the files again now and then.
+            let events = Arc::clone(&shared.events);
+            runtimes[0].spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match tls.reload() {
+                        None => {}
+                        Some(Ok(())) => events.push(
+                            "",
+                            "client port",
+                            "certificate_reloaded",
+                            "the TLS certificate files changed; new connections use them".into(),
+                        ),
+                        Some(Err(e)) => events.push(
+                            "",
+                            "client port",
+                            "certificate_error",
+                            format!("{e}; connections still use the previous certificate"),
+                        ),
+                    }
+                }
+            });
+        }
         let (stop, stop_rx) = watch::channel(false);
         let (kill, kill_rx) = watch::channel(false);
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -497,6 +545,13 @@ impl Engine {
     #[getter]
     fn events_dropped(&self) -> u64 {
         self.shared.events.dropped.load(Relaxed)
+    }
+
+    /// Client connections refused at TLS (no or a failed handshake, plaintext on a TLS-only
+    /// port).
+    #[getter]
+    fn tls_failures(&self) -> u64 {
+        self.shared.counters.tls_failures.load(Relaxed)
     }
 
     /// (calls received, calls in flight, [(reason, calls the proxy ended itself)]).

@@ -12,6 +12,7 @@ mod retry;
 mod routing;
 mod stats;
 mod strategy;
+mod tls;
 mod workers;
 
 #[pymodule]

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -42,7 +43,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((sock, _)) => {
-                    tokio::spawn(serve_connection(Arc::clone(&shared), sock, stop.clone()));
+                    tokio::spawn(serve_socket(Arc::clone(&shared), sock, stop.clone()));
                 }
                 // Out of file descriptors and the like: pause rather than spin.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -67,17 +68,49 @@ fn age_deadline(age: Option<Duration>) -> Option<tokio::time::Instant> {
     age.map(|age| tokio::time::Instant::now() + age.mul_f64(0.9 + 0.2 * fastrand::f64()))
 }
 
-async fn serve_connection(shared: Arc<Shared>, sock: TcpStream, mut stop: watch::Receiver<bool>) {
+/// The first byte of a TLS connection (a handshake record).
+const TLS_HANDSHAKE: u8 = 0x16;
+/// A client has this long to send its first byte and finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One accepted socket: TLS when the port serves TLS (plaintext h2c too if allowed, told apart
+/// by the first byte), then HTTP/2.
+async fn serve_socket(shared: Arc<Shared>, sock: TcpStream, stop: watch::Receiver<bool>) {
+    let _ = sock.set_nodelay(true);
+    let Some(tls) = shared.tls.as_ref() else {
+        return serve_connection(shared, sock, stop).await;
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, sock.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+        Ok(Ok(1)) if tls.allow_h2c => return serve_connection(shared, sock, stop).await,
+        _ => {
+            shared.counters.tls_failures.fetch_add(1, Relaxed);
+            return;
+        }
+    }
+    let acceptor = tls.acceptor();
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+        Ok(Ok(stream)) => serve_connection(shared, stream, stop).await,
+        _ => {
+            shared.counters.tls_failures.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+async fn serve_connection<T>(shared: Arc<Shared>, io: T, mut stop: watch::Receiver<bool>)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     let counters = &shared.workers[workers::current()];
     counters.connections.fetch_add(1, Relaxed);
     counters.open.fetch_add(1, Relaxed);
     let _open = Open(counters);
-    let _ = sock.set_nodelay(true);
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .handshake::<_, Bytes>(sock);
+        .handshake::<_, Bytes>(io);
     let Ok(mut conn) = handshake.await else {
         return;
     };

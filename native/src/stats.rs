@@ -39,6 +39,9 @@ impl Stats {
 pub struct Counters {
     pub calls: AtomicU64,
     pub in_flight: AtomicI64,
+    /// Client connections refused at TLS: no handshake in time, a failed one (a refused client
+    /// certificate among them), or plaintext where only TLS is served.
+    pub tls_failures: AtomicU64,
     local: [AtomicU64; LocalError::ALL.len()],
 }
 

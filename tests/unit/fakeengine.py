@@ -54,6 +54,7 @@ class FakeEngine:
     failover: list[FailoverCount] = field(default_factory=list)
     queued: list[EndpointEvent] = field(default_factory=list)
     events_dropped: int = 0
+    tls_failures: int = 0
     closed: bool = False
 
     @property

@@ -1,0 +1,217 @@
+"""TLS on the proxy's client port, on real parts: certificates made by the openssl CLI, a real
+etcd, the proxy and its engine, a real grpc.aio backend, and grpc.aio secure channels (and
+Python's ssl module, to see which certificate a new connection gets)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aetcd
+import grpc
+import pytest
+
+from devtools import testenv
+from tests.echo import echo_backends
+from tests.integration.conftest import eventually, running_proxy
+from tests.integration.test_proxy import applied, put
+from weighbridge.keys import KeyScheme
+
+pytestmark = pytest.mark.integration
+AUTHORITY = "echo.default"
+
+
+class Pki:
+    """A CA and the certificates it signs, as PEM files in ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ca = root / "ca.crt"
+        self._run(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", str(root / "ca.key"), "-out", str(self.ca),
+        )  # fmt: skip
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    def issue(self, name: str, cn: str, san: str) -> tuple[Path, Path]:
+        """(certificate, key) for subject CN ``cn`` with subjectAltName ``san``."""
+        key, csr, crt = (self.root / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
+        ext = self.root / f"{name}.ext"
+        ext.write_text(f"subjectAltName={san}\n")
+        self._run(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+            "-keyout", str(key), "-out", str(csr),
+        )  # fmt: skip
+        self._run(
+            "x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey",
+            str(self.root / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(ext),
+            "-out", str(crt),
+        )  # fmt: skip
+        return crt, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make test certificates")
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@contextlib.asynccontextmanager
+async def secure(
+    port: int, pki: Pki, client: tuple[Path, Path] | None = None
+) -> AsyncIterator[grpc.aio.Channel]:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.read_bytes(),
+        private_key=client[1].read_bytes() if client else None,
+        certificate_chain=client[0].read_bytes() if client else None,
+    )
+    async with grpc.aio.secure_channel(
+        f"127.0.0.1:{port}", credentials, options=[("grpc.default_authority", AUTHORITY)]
+    ) as ch:
+        yield ch
+
+
+async def answer(ch: grpc.aio.Channel) -> str:
+    """The backend that answered a unary call, or the status code's name if it failed."""
+    call = ch.unary_unary("/test.Echo/Unary")(b"", timeout=5)
+    try:
+        await call
+    except grpc.aio.AioRpcError as e:
+        return e.code().name
+    return str(dict(await call.initial_metadata())["x-backend"])
+
+
+def served_certificate(port: int, pki: Pki) -> bytes:
+    """The DER certificate a new TLS connection to the proxy gets (ALPN h2)."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=AUTHORITY) as tls,
+    ):
+        assert tls.selected_alpn_protocol() == "h2"
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def der_of(pem: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem.read_text())
+
+
+async def test_tls_on_the_client_port_and_plaintext_refused(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, pki: Pki
+) -> None:
+    cert, key = pki.issue("server", "proxy", f"DNS:{AUTHORITY},IP:127.0.0.1")
+    async with (
+        echo_backends("a") as (a,),
+        running_proxy(etcd_server.endpoint, scheme, tls_cert=str(cert), tls_key=str(key)) as proxy,
+    ):
+        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+        async with secure(proxy.port, pki) as ch:
+            assert [await answer(ch) for _ in range(3)] == ["a"] * 3
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{proxy.port}", options=[("grpc.default_authority", AUTHORITY)]
+        ) as plain:
+            assert await answer(plain) == "UNAVAILABLE"
+        assert proxy.engine.tls_failures >= 1
+
+
+async def test_h2c_beside_tls_when_allowed(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, pki: Pki
+) -> None:
+    cert, key = pki.issue("server-h2c", "proxy", f"DNS:{AUTHORITY}")
+    async with (
+        echo_backends("a") as (a,),
+        running_proxy(
+            etcd_server.endpoint, scheme, tls_cert=str(cert), tls_key=str(key), allow_h2c=True
+        ) as proxy,
+    ):
+        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+        async with secure(proxy.port, pki) as ch:
+            assert await answer(ch) == "a"
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{proxy.port}", options=[("grpc.default_authority", AUTHORITY)]
+        ) as plain:
+            assert await answer(plain) == "a"
+
+
+async def test_mtls_lets_in_only_allowed_client_identities(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, pki: Pki
+) -> None:
+    cert, key = pki.issue("server-mtls", "proxy", f"DNS:{AUTHORITY}")
+    allowed = pki.issue("client-a", "client-a", "URI:spiffe://test/ns/shop/sa/api")
+    other = pki.issue("client-b", "client-b", "URI:spiffe://test/ns/evil/sa/x")
+    async with (
+        echo_backends("a") as (a,),
+        running_proxy(
+            etcd_server.endpoint,
+            scheme,
+            tls_cert=str(cert),
+            tls_key=str(key),
+            tls_client_ca=str(pki.ca),
+            tls_allowed_identities=("spiffe://test/ns/shop/sa/api",),
+        ) as proxy,
+    ):
+        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+        async with secure(proxy.port, pki, allowed) as ch:
+            assert await answer(ch) == "a"
+        async with secure(proxy.port, pki) as ch:
+            assert await answer(ch) == "UNAVAILABLE", "no client certificate"
+        async with secure(proxy.port, pki, other) as ch:
+            assert await answer(ch) == "UNAVAILABLE", "a certificate the CA signed, not allowed"
+        assert a.calls == 1
+
+
+async def test_a_rotated_certificate_is_served_without_a_restart(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, pki: Pki, tmp_path: Path
+) -> None:
+    """As a mounted Secret changes: new files swapped in by a symlink (the kubelet's ..data)."""
+    first = pki.issue("rot-1", "proxy", f"DNS:{AUTHORITY}")
+    second = pki.issue("rot-2", "proxy", f"DNS:{AUTHORITY}")
+    mounted = tmp_path / "secret"
+    mounted.mkdir()
+
+    def publish(pair: tuple[Path, Path], version: str) -> None:
+        data = mounted / version
+        data.mkdir()
+        shutil.copy(pair[0], data / "tls.crt")
+        shutil.copy(pair[1], data / "tls.key")
+        link = mounted / "..data_tmp"
+        link.symlink_to(version)
+        link.replace(mounted / "..data")
+
+    publish(first, "v1")
+    for name in ("tls.crt", "tls.key"):
+        (mounted / name).symlink_to(f"..data/{name}")
+    async with (
+        echo_backends("a") as (a,),
+        running_proxy(
+            etcd_server.endpoint,
+            scheme,
+            tls_cert=str(mounted / "tls.crt"),
+            tls_key=str(mounted / "tls.key"),
+            tls_reload_interval_s=0.1,
+        ) as proxy,
+    ):
+        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+        assert served_certificate(proxy.port, pki) == der_of(first[0])
+        async with secure(proxy.port, pki) as ch:
+            assert await answer(ch) == "a"
+            publish(second, "v2")
+            await eventually(
+                lambda: asyncio.to_thread(served_certificate, proxy.port, pki),
+                lambda der: der == der_of(second[0]),
+                what="the new certificate served",
+            )
+            # The connection opened before the rotation still carries calls.
+            assert await answer(ch) == "a"
