@@ -26,7 +26,7 @@ def table_after(heading: str) -> dict[str, str]:
     for line in section.splitlines():
         if m := ROW.match(line):
             defaults = [d.strip() for d in m.group(2).split(",")]
-            flags = re.findall(r"`(--[a-z-]+)`", m.group(1))
+            flags = re.findall(r"`(--[a-z0-9-]+)`", m.group(1))
             for i, flag in enumerate(flags):
                 rows[flag] = defaults[i] if len(defaults) == len(flags) else defaults[0]
     return rows
