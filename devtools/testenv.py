@@ -80,9 +80,18 @@ class Etcd:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
+    scheme = "http"
+
+    def _tls_args(self) -> list[str]:
+        """Extra etcd flags for TLS; none for this plaintext member."""
+        return []
+
+    def _health_context(self) -> ssl.SSLContext | None:
+        return None
+
     def start(self, timeout: float = 30) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
-        client = f"http://{self.endpoint}"
+        client = f"{self.scheme}://{self.endpoint}"
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -96,6 +105,7 @@ class Etcd:
                     f"--initial-cluster={self.name}={peer}",
                     "--log-level=warn",
                     "--unsafe-no-fsync",
+                    *self._tls_args(),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -105,7 +115,8 @@ class Etcd:
 
     def _healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as r:
+            url = f"{self.scheme}://{self.endpoint}/health"
+            with urllib.request.urlopen(url, timeout=1, context=self._health_context()) as r:
                 return bool(json.load(r).get("health") == "true")
         except (OSError, ValueError):
             return False
@@ -126,6 +137,99 @@ class Etcd:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class CertificateAuthority:
+    """A throwaway CA made with the ``openssl`` CLI (no Python dependency): EC P-256 keys,
+    certificates valid for two days, issued into files the caller names."""
+
+    def __init__(self, directory: Path, name: str = "ca") -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.cert = self.dir / f"{name}.crt"
+        self.key = self.dir / f"{name}.key"
+        _openssl(
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", self.key, "-out", self.cert, "-days", "2",
+            "-subj", f"/CN=weighbridge-test-{name}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )  # fmt: skip
+
+    def issue(self, cn: str, cert: Path, key: Path, *, server: bool = False) -> None:
+        """A certificate with common name ``cn`` (for a server: SAN 127.0.0.1 and localhost)
+        and its key, written to ``cert`` and ``key`` by a rename each, as a Secret update
+        swaps files: a reader sees the old file or the new one, never half of one."""
+        work = Path(tempfile.mkdtemp(dir=self.dir))
+        ext = work / "ext.cnf"
+        usage = "serverAuth" if server else "clientAuth"
+        san = "subjectAltName=IP:127.0.0.1,DNS:localhost\n" if server else ""
+        ext.write_text(
+            f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+            f"extendedKeyUsage={usage}\n{san}"
+        )
+        _openssl(
+            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", work / "key.pem", "-out", work / "req.csr", "-subj", f"/CN={cn}",
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", work / "req.csr", "-CA", self.cert, "-CAkey", self.key,
+            "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "2",
+            "-extfile", ext, "-out", work / "cert.pem",
+        )  # fmt: skip
+        cert.parent.mkdir(parents=True, exist_ok=True)
+        key.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(work / "key.pem", key)
+        os.replace(work / "cert.pem", cert)
+        shutil.rmtree(work)
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+class TLSEtcd(Etcd):
+    """An etcd member that serves TLS only and requires a client certificate signed by a CA in
+    ``trusted_ca_file`` (``--client-cert-auth``): with auth enabled, the certificate's CN is
+    the user. ``ca`` issued its serving certificate (SAN 127.0.0.1, localhost) and issues
+    client certificates with :meth:`client_files`; rewrite ``trusted_ca_file`` and restart it
+    to change which CAs it trusts."""
+
+    scheme = "https"
+
+    def __init__(self, workdir: Path, name: str = "etcd-tls") -> None:
+        super().__init__(workdir, name)
+        self.pki = self.dir / "pki"
+        self.ca = CertificateAuthority(self.pki)
+        self.server_cert, self.server_key = self.pki / "server.crt", self.pki / "server.key"
+        self.ca.issue("etcd", self.server_cert, self.server_key, server=True)
+        self.trusted_ca_file = self.pki / "trusted-ca.pem"
+        self.trusted_ca_file.write_bytes(self.ca.cert.read_bytes())
+        self.root = self.client_files("root")
+
+    def client_files(
+        self, cn: str, ca: CertificateAuthority | None = None
+    ) -> tuple[Path, Path, Path]:
+        """(CA bundle that verifies this etcd, client certificate, key) for user ``cn``, issued
+        by ``ca`` (default: this etcd's own CA) into ``pki/<cn>/``."""
+        cert, key = self.pki / cn / "tls.crt", self.pki / cn / "tls.key"
+        (ca or self.ca).issue(cn, cert, key)
+        return self.ca.cert, cert, key
+
+    def _tls_args(self) -> list[str]:
+        return [
+            f"--cert-file={self.server_cert}",
+            f"--key-file={self.server_key}",
+            "--client-cert-auth",
+            f"--trusted-ca-file={self.trusted_ca_file}",
+        ]
+
+    def _health_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca.cert))
+        _, cert, key = self.root
+        context.load_cert_chain(str(cert), str(key))
+        return context
 
 
 class KubeAPIServer:

@@ -227,14 +227,16 @@ async def running_proxy(
     *,
     seed: int | None = 7,
     proxy_id: str = "proxy-test",
+    etcd_tls: store.EtcdTLS | None = None,
     **settings: Any,
 ) -> AsyncIterator[Any]:
     """A proxy in this event loop, listening on free loopback ports, stopped on exit. It runs
-    as many engine threads as the default gives (2 on a 2-CPU machine) unless told."""
+    as many engine threads as the default gives (2 on a 2-CPU machine) unless told; with
+    ``etcd_tls`` it reaches etcd over TLS with those files."""
     from dataplane.app import Proxy
     from dataplane.settings import ProxySettings
 
-    etcd = store.client(etcd_endpoint)
+    etcd = store.client(etcd_endpoint, tls=etcd_tls)
     proxy = Proxy(
         etcd=etcd,
         scheme=scheme,
