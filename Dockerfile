@@ -38,6 +38,6 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 # read-only: nothing is written at run time.
 USER 65532:65532
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-EXPOSE 8080 9401 9402 9501 9502
+EXPOSE 8080 9402 9403 9502 9503
 ENTRYPOINT []
 CMD ["weighbridge-proxy", "--help"]

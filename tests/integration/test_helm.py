@@ -5,6 +5,7 @@ with exactly the chart's RBAC."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import uuid
@@ -35,11 +36,36 @@ VARIANTS: dict[str, list[str]] = {
         "etcd.external.endpoints={etcd-a.db.svc:2379,etcd-b.db.svc:2379}",
     ],
     "daemonset": ["proxy.kind=DaemonSet"],
+    "etcd-cert-manager-3": ["etcd.tls.certManager.enabled=true", "etcd.bundled.replicas=3"],
+    "etcd-cert-manager-issuer": [
+        "etcd.tls.certManager.enabled=true",
+        "etcd.tls.certManager.issuerRef.kind=ClusterIssuer",
+        "etcd.tls.certManager.issuerRef.name=corp-ca",
+    ],
+    "external-etcd-tls": [
+        "etcd.mode=external",
+        "etcd.external.endpoints={etcd-a.db.svc:2379}",
+        "etcd.external.tls.controllerSecretName=etcd-wb-controller",
+        "etcd.external.tls.proxySecretName=etcd-wb-proxy",
+        "etcd.external.tls.rootSecretName=etcd-root",
+    ],
+    "plaintext-etcd-no-networkpolicy": ["etcd.tls.enabled=false", "networkPolicy.enabled=false"],
+    "proxy-mtls": [
+        "proxy.tls.secretName=proxy-tls",
+        "proxy.tls.clientCASecretName=client-ca",
+        "proxy.tls.allowedIdentities={spiffe://cluster.local/ns/shop/sa/api,api.shop}",
+        "proxy.tls.allowH2C=true",
+    ],
     "servicemonitor-endpoints-source": [
         "serviceMonitor.enabled=true",
         "controller.source=endpoints",
     ],
 }
+
+
+NO_KUBELET = ("--no-hooks",)
+"""The test control plane has no kubelet, so no Job ever runs: Helm would wait for the
+etcd-auth hook until its timeout. Its manifest is validated with the rest."""
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +168,51 @@ SERVICEMONITOR_CRD = {
 }
 
 
+def open_crd(group: str, kind: str, plural: str) -> dict[str, Any]:
+    """A namespaced custom resource whose spec the API server takes as it is: enough to
+    dry-run the chart's cert-manager resources without cert-manager (its own webhook, not
+    this chart, validates them)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}"},
+        "spec": {
+            "group": group,
+            "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {
+                                    "type": "object",
+                                    "x-kubernetes-preserve-unknown-fields": True,
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+async def create_crds(kube: Kube, *crds: dict[str, Any]) -> None:
+    for crd in crds:
+        try:
+            await kube.request(
+                "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", body=crd
+            )
+        except KubeError as exc:
+            assert exc.status == 409
+    await asyncio.sleep(2)  # a new resource must be served before it validates
+
+
 async def dry_run_create(kube: Kube, doc: dict[str, Any]) -> None:
     """Server-side dry run with strict field validation: the API server checks the manifest
     against its own schemas (unknown or misspelled fields fail)."""
@@ -157,6 +228,11 @@ async def dry_run_create(kube: Kube, doc: dict[str, Any]) -> None:
         "DaemonSet": "daemonsets",
         "StatefulSet": "statefulsets",
         "ServiceMonitor": "servicemonitors",
+        "Secret": "secrets",
+        "NetworkPolicy": "networkpolicies",
+        "Job": "jobs",
+        "Certificate": "certificates",
+        "Issuer": "issuers",
     }[doc["kind"]]
     ns = doc["metadata"].get("namespace")
     path = f"{base}/namespaces/{ns}/{plural}" if ns else f"{base}/{plural}"
@@ -173,20 +249,18 @@ async def test_chart_lints_renders_and_every_manifest_validates(
     docs = render(helm, k8s.ns, sets)
     kinds = sorted(d["kind"] for d in docs)
     if variant == "servicemonitor-endpoints-source":
-        try:
-            await k8s.kube.request(
-                "POST",
-                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-                body=SERVICEMONITOR_CRD,
-            )
-        except KubeError as exc:
-            assert exc.status == 409
-        await asyncio.sleep(2)  # the new resource must be served before it validates
+        await create_crds(k8s.kube, SERVICEMONITOR_CRD)
+    if "Certificate" in kinds:
+        await create_crds(
+            k8s.kube,
+            open_crd("cert-manager.io", "Certificate", "certificates"),
+            open_crd("cert-manager.io", "Issuer", "issuers"),
+        )
     for doc in docs:
         if doc["kind"] in ("ClusterRole", "ClusterRoleBinding"):
             doc["metadata"]["name"] += f"-{uuid.uuid4().hex[:6]}"
         await dry_run_create(k8s.kube, doc)
-    assert ("StatefulSet" in kinds) == (variant != "external-etcd")
+    assert ("StatefulSet" in kinds) == (not variant.startswith("external-etcd"))
     if variant == "external-etcd":
         assert "StatefulSet" not in kinds
         controller = next(
@@ -201,7 +275,7 @@ async def test_chart_lints_renders_and_every_manifest_validates(
     if variant == "daemonset":
         assert "DaemonSet" in kinds
     for d in docs:  # hardened pods everywhere
-        if d["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
+        if d["kind"] in ("Deployment", "DaemonSet", "StatefulSet", "Job"):
             pod = d["spec"]["template"]["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True
             for c in pod["containers"]:
@@ -212,9 +286,13 @@ async def test_chart_lints_renders_and_every_manifest_validates(
                 assert "resources" in c
 
 
+ETCD_TLS_FLAGS = ("--etcd-cacert", "--etcd-cert", "--etcd-key")
+
+
 def test_default_values_leave_every_tunable_to_the_binaries(helm: Path) -> None:
-    """Only what the chart wires or needs itself (etcd, the source its RBAC grants, ports its
-    Services and probes use, JSON logs, the grace its termination period outlasts) is passed;
+    """Only what the chart wires or needs itself (etcd and its client certificate, the source
+    its RBAC grants, ports its Services and probes use, JSON logs, the grace its termination
+    period outlasts) is passed;
     every tunable keeps the binary's own default."""
     docs = render(helm, "default", [])
     assert flag_names(args_of(docs, "controller")) == {
@@ -225,6 +303,7 @@ def test_default_values_leave_every_tunable_to_the_binaries(helm: Path) -> None:
         "--health-listen",
         "--metrics-listen",
         "--log-format",
+        *ETCD_TLS_FLAGS,
     }
     assert flag_names(args_of(docs, "proxy")) == {
         "--etcd",
@@ -235,6 +314,7 @@ def test_default_values_leave_every_tunable_to_the_binaries(helm: Path) -> None:
         "--metrics-listen",
         "--grace",
         "--log-format",
+        *ETCD_TLS_FLAGS,
     }
 
 
@@ -314,6 +394,7 @@ async def test_chart_installs_and_the_controller_works_with_exactly_its_rbac(
         CHART,
         "--namespace",
         k8s.ns,
+        *NO_KUBELET,
         kubeconfig=apiserver.kubeconfig,
     )
     assert out.returncode == 0, out.stderr
@@ -391,3 +472,296 @@ async def test_chart_installs_and_the_controller_works_with_exactly_its_rbac(
         run_helm, helm, "uninstall", release, "--namespace", k8s.ns, kubeconfig=apiserver.kubeconfig
     )
     assert uninstall.returncode == 0, uninstall.stderr
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = (d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+    return doc
+
+
+def selector(component: str, release: str = "wb") -> dict[str, Any]:
+    return {
+        "matchLabels": {
+            "app.kubernetes.io/name": "weighbridge",
+            "app.kubernetes.io/instance": release,
+            "app.kubernetes.io/component": component,
+        }
+    }
+
+
+PROMETHEUS = {
+    "namespaceSelector": {},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
+
+
+def test_network_policies_admit_only_what_each_component_needs(helm: Path) -> None:
+    """etcd's client port from the controller, the proxies and the etcd-auth Job only, its peer
+    port from members only; the proxies' client port from anyone (or clientFrom), metrics from
+    metricsFrom; nothing else, admin and health included."""
+    policies = {
+        d["metadata"]["name"]: d["spec"]
+        for d in render(helm, "default", [])
+        if d["kind"] == "NetworkPolicy"
+    }
+    assert set(policies) == {
+        "wb-weighbridge-etcd",
+        "wb-weighbridge-proxy",
+        "wb-weighbridge-controller",
+    }
+    for name, spec in policies.items():
+        assert spec["podSelector"] == selector(name.removeprefix("wb-weighbridge-"))
+        assert spec["policyTypes"] == ["Ingress"]
+
+    client, peer = policies["wb-weighbridge-etcd"]["ingress"]
+    assert client["from"] == [
+        {"podSelector": selector("controller")},
+        {"podSelector": selector("proxy")},
+        {"podSelector": selector("etcd-auth")},
+    ]
+    assert client["ports"] == [{"port": 2379, "protocol": "TCP"}]
+    assert peer == {
+        "from": [{"podSelector": selector("etcd")}],
+        "ports": [{"port": 2380, "protocol": "TCP"}],
+    }
+
+    clients, metrics = policies["wb-weighbridge-proxy"]["ingress"]
+    assert clients == {"ports": [{"port": 8080, "protocol": "TCP"}]}  # no "from": anyone
+    assert metrics == {"ports": [{"port": 9502, "protocol": "TCP"}], "from": [PROMETHEUS]}
+    (controller,) = policies["wb-weighbridge-controller"]["ingress"]
+    assert controller == {"ports": [{"port": 9402, "protocol": "TCP"}], "from": [PROMETHEUS]}
+
+    # Configurable sources; metricsFrom [] admits no one; external etcd has no policy here.
+    docs = render(
+        helm,
+        "default",
+        [
+            "networkPolicy.clientFrom[0].namespaceSelector.matchLabels.team=shop",
+            "networkPolicy.metricsFrom=null",
+            "etcd.mode=external",
+            "etcd.external.endpoints={etcd.db:2379}",
+        ],
+    )
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"wb-weighbridge-proxy", "wb-weighbridge-controller"}
+    assert policies["wb-weighbridge-proxy"]["ingress"] == [
+        {
+            "ports": [{"port": 8080, "protocol": "TCP"}],
+            "from": [{"namespaceSelector": {"matchLabels": {"team": "shop"}}}],
+        }
+    ]
+    assert policies["wb-weighbridge-controller"]["ingress"] == []
+
+    off = render(helm, "default", ["networkPolicy.enabled=false"])
+    assert not [d for d in off if d["kind"] == "NetworkPolicy"]
+
+
+def test_services_publish_no_admin_port_and_probes_use_the_health_port(helm: Path) -> None:
+    docs = render(helm, "default", ["serviceMonitor.enabled=true"])
+    proxy_service = one(docs, "Service", "wb-weighbridge-proxy")
+    assert [(p["name"], p["port"]) for p in proxy_service["spec"]["ports"]] == [("grpc", 8080)]
+    metrics = one(docs, "Service", "wb-weighbridge-proxy-metrics")
+    assert [(p["name"], p["port"]) for p in metrics["spec"]["ports"]] == [("metrics", 9502)]
+    controller_service = one(docs, "Service", "wb-weighbridge-controller")
+    assert [p["name"] for p in controller_service["spec"]["ports"]] == ["metrics"]
+    for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        # Selects the metrics Services only, never the clients' one.
+        assert monitor["spec"]["selector"]["matchLabels"]["weighbridge.io/metrics"] == "true"
+    assert "weighbridge.io/metrics" not in proxy_service["metadata"]["labels"]
+
+    for component, parser, health in (
+        ("proxy", proxy_parser, 9503),
+        ("controller", controller_parser, 9403),
+    ):
+        (workload,) = (
+            d
+            for d in docs
+            if d["kind"] == "Deployment"
+            and d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        )
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        parsed = parser().parse_args(container["args"])
+        assert parsed.admin_listen.startswith("127.0.0.1:")  # loopback: port-forward only
+        assert parsed.health_listen == f"0.0.0.0:{health}"
+        assert {p["name"]: p["containerPort"] for p in container["ports"]}.get("health") == health
+        assert "admin" not in {p["name"] for p in container["ports"]}
+        probes = [container[k] for k in container if k.endswith("Probe")]
+        assert probes and all(p["grpc"] == {"port": health} for p in probes)
+
+
+def certificate(pem_b64: str) -> str:
+    """openssl's text of a base64 PEM certificate from a Secret."""
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-subject", "-issuer", "-ext", "subjectAltName"],
+        input=base64.b64decode(pem_b64),
+        capture_output=True,
+        check=True,
+    )
+    return out.stdout.decode()
+
+
+def verifies(ca_b64: str, cert_b64: str, tmp_path: Path) -> bool:
+    ca, cert = tmp_path / "ca.pem", tmp_path / "cert.pem"
+    ca.write_bytes(base64.b64decode(ca_b64))
+    cert.write_bytes(base64.b64decode(cert_b64))
+    out = subprocess.run(["openssl", "verify", "-CAfile", str(ca), str(cert)], capture_output=True)
+    return out.returncode == 0
+
+
+def test_etcd_tls_wires_every_component_with_its_own_certificate(
+    helm: Path, tmp_path: Path
+) -> None:
+    """Bundled etcd serves and peers over TLS and requires client certificates; the controller,
+    the proxies and the etcd-auth Job each mount their own (CN = etcd user) as a directory,
+    never under subPath, and pass the files with the flags the binaries take."""
+    docs = render(helm, "default", ["etcd.bundled.replicas=3"])
+    etcd = one(docs, "StatefulSet", "wb-weighbridge-etcd")
+    (server,) = etcd["spec"]["template"]["spec"]["containers"]
+    flags = set(server["command"])
+    assert {"--client-cert-auth", "--peer-client-cert-auth"} <= flags
+    assert "--listen-client-urls=https://0.0.0.0:2379" in flags
+    assert any(f.startswith("--initial-cluster=wb-weighbridge-etcd-0=https://") for f in flags)
+    assert {
+        v["name"]: v["secret"]["secretName"] for v in etcd["spec"]["template"]["spec"]["volumes"]
+    } == {"tls": "wb-weighbridge-etcd-server"}
+
+    secrets = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "Secret"}
+    ca = secrets["wb-weighbridge-etcd-ca"]["tls.crt"]
+    for user, cn in (
+        ("controller", "weighbridge-controller"),
+        ("proxy", "weighbridge-proxy"),
+        ("root", "root"),
+        ("server", "wb-weighbridge-etcd"),
+    ):
+        data = secrets[f"wb-weighbridge-etcd-{user}"]
+        assert f"subject=CN={cn}" in certificate(data["tls.crt"]).replace(" ", "")
+        assert data["ca.crt"] == ca and verifies(ca, data["tls.crt"], tmp_path)
+    assert "DNS:*.wb-weighbridge-etcd-peer.default.svc" in certificate(
+        secrets["wb-weighbridge-etcd-server"]["tls.crt"]
+    )
+
+    job = one(docs, "Job", "wb-weighbridge-etcd-auth")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    pods = {
+        "controller": args_of(docs, "controller"),
+        "proxy": args_of(docs, "proxy"),
+    }
+    parsed = {
+        "controller": controller_parser().parse_args(pods["controller"]),
+        "proxy": proxy_parser().parse_args(pods["proxy"]),
+    }
+    (job_container,) = job["spec"]["template"]["spec"]["containers"]
+    assert job_container["args"][-2:] == ["etcd-auth", "setup"]
+    workloads = {
+        "controller": one(docs, "Deployment", "wb-weighbridge-controller"),
+        "proxy": one(docs, "Deployment", "wb-weighbridge-proxy"),
+        "root": job,
+    }
+    for user, workload in workloads.items():
+        pod = workload["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        args = container["args"]
+        assert {
+            "--etcd-cacert=/etc/weighbridge/etcd/ca.crt",
+            "--etcd-cert=/etc/weighbridge/etcd/tls.crt",
+            "--etcd-key=/etc/weighbridge/etcd/tls.key",
+        } <= set(args)
+        assert {"name": "etcd-tls", "mountPath": "/etc/weighbridge/etcd", "readOnly": True} in (
+            container["volumeMounts"]
+        )
+        volumes = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
+        assert volumes["etcd-tls"] == f"wb-weighbridge-etcd-{user}"
+    for user in ("controller", "proxy"):
+        assert (parsed[user].etcd_cacert, parsed[user].etcd_cert) == (
+            "/etc/weighbridge/etcd/ca.crt",
+            "/etc/weighbridge/etcd/tls.crt",
+        )
+    for d in docs:  # a Secret mounted under subPath never sees its renewal
+        pod = d.get("spec", {}).get("template", {}).get("spec", {})
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            assert all("subPath" not in m for m in c.get("volumeMounts", [])), d["metadata"]["name"]
+
+
+def test_proxy_tls_values_become_the_proxy_flags(helm: Path) -> None:
+    docs = render(helm, "default", VARIANTS["proxy-mtls"])
+    args = args_of(docs, "proxy")
+    parsed = proxy_parser().parse_args(args)
+    assert (parsed.tls_cert, parsed.tls_key, parsed.tls_client_ca) == (
+        "/etc/weighbridge/tls/tls.crt",
+        "/etc/weighbridge/tls/tls.key",
+        "/etc/weighbridge/client-ca/ca.crt",
+    )
+    assert "--tls-allowed-identities=spiffe://cluster.local/ns/shop/sa/api,api.shop" in args
+    assert "--allow-h2c" in args
+    pod = one(docs, "Deployment", "wb-weighbridge-proxy")["spec"]["template"]["spec"]
+    assert {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]} == {
+        "etcd-tls": "wb-weighbridge-etcd-proxy",
+        "tls": "proxy-tls",
+        "client-ca": "client-ca",
+    }
+    service = one(docs, "Service", "wb-weighbridge-proxy")
+    assert "appProtocol" not in service["spec"]["ports"][0]  # not h2c any more
+
+
+async def etcd_secrets(kube: Kube, ns: str) -> dict[str, dict[str, str]]:
+    """The data of the chart's etcd certificate Secrets in ``ns``, by name."""
+    listing = await kube.request("GET", f"/api/v1/namespaces/{ns}/secrets")
+    return {
+        s["metadata"]["name"]: s["data"]
+        for s in listing["items"]
+        if s["metadata"]["name"].startswith("wb-weighbridge-etcd-")
+    }
+
+
+async def test_generated_etcd_certificates_are_kept_across_helm_upgrade(
+    helm: Path, k8s: Cluster, apiserver: testenv.KubeAPIServer
+) -> None:
+    """The chart generates etcd's certificates on install and, through `lookup` against the
+    real API server, reuses them on every upgrade; a leaf Secret deleted by hand (to renew it)
+    is signed again by the same CA, and no other certificate changes."""
+
+    async def helm_run(*args: str) -> None:
+        out = await asyncio.to_thread(
+            run_helm,
+            helm,
+            *args,
+            "wb",
+            CHART,
+            "--namespace",
+            k8s.ns,
+            *NO_KUBELET,
+            kubeconfig=apiserver.kubeconfig,
+        )
+        assert out.returncode == 0, out.stderr
+
+    async def secrets() -> dict[str, dict[str, str]]:
+        return await etcd_secrets(k8s.kube, k8s.ns)
+
+    await helm_run("install")
+    installed = await secrets()
+    assert set(installed) == {
+        f"wb-weighbridge-etcd-{n}" for n in ("ca", "server", "controller", "proxy", "root")
+    }
+    await helm_run("upgrade", "--set", "proxy.replicas=3")
+    assert await secrets() == installed
+
+    await k8s.kube.request(
+        "DELETE", f"/api/v1/namespaces/{k8s.ns}/secrets/wb-weighbridge-etcd-proxy"
+    )
+    await helm_run("upgrade")
+    renewed = await secrets()
+    assert (
+        renewed["wb-weighbridge-etcd-proxy"]["tls.crt"]
+        != installed["wb-weighbridge-etcd-proxy"]["tls.crt"]
+    )
+    assert {k: v for k, v in renewed.items() if not k.endswith("-proxy")} == {
+        k: v for k, v in installed.items() if not k.endswith("-proxy")
+    }
+    assert (
+        renewed["wb-weighbridge-etcd-proxy"]["ca.crt"]
+        == installed["wb-weighbridge-etcd-ca"]["tls.crt"]
+    )
+    out = await asyncio.to_thread(
+        run_helm, helm, "uninstall", "wb", "--namespace", k8s.ns, kubeconfig=apiserver.kubeconfig
+    )
+    assert out.returncode == 0, out.stderr

@@ -80,3 +80,47 @@ print as integers (numbers from a values file arrive as floats), others as they 
 {{- end }}
 {{- join "\n" $lines }}
 {{- end }}
+
+{{/* weighbridge.etcdTLS: "true" when the controller, proxies and wbctl speak TLS to etcd with client
+certificates (bundled etcd with etcd.tls.enabled, or external etcd given client Secrets), else "". */}}
+{{- define "weighbridge.etcdTLS" -}}
+{{- if eq .Values.etcd.mode "bundled" -}}
+{{- if .Values.etcd.tls.enabled }}true{{ end }}
+{{- else if or .Values.etcd.external.tls.controllerSecretName .Values.etcd.external.tls.proxySecretName -}}
+{{- $_ := required "etcd.external.tls: set both controllerSecretName and proxySecretName" (and .Values.etcd.external.tls.controllerSecretName .Values.etcd.external.tls.proxySecretName) -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* weighbridge.etcdClientSecret: the Secret (ca.crt, tls.crt, tls.key) with a client certificate for
+etcd; pass (dict "ctx" $ "user" "controller"|"proxy"|"root"). Bundled: the chart's own (CN
+weighbridge-controller, weighbridge-proxy, root); external: the one etcd.external.tls names. */}}
+{{- define "weighbridge.etcdClientSecret" -}}
+{{- if eq .ctx.Values.etcd.mode "bundled" -}}
+{{ include "weighbridge.fullname" .ctx }}-etcd-{{ .user }}
+{{- else -}}
+{{ index .ctx.Values.etcd.external.tls (printf "%sSecretName" .user) }}
+{{- end }}
+{{- end }}
+
+{{/* weighbridge.etcdTLSArgs: the etcd client TLS flags, for files the weighbridge.etcdTLSVolume is
+mounted with (a directory: a Secret mounted under subPath never sees its updates). */}}
+{{- define "weighbridge.etcdTLSArgs" -}}
+- --etcd-cacert=/etc/weighbridge/etcd/ca.crt
+- --etcd-cert=/etc/weighbridge/etcd/tls.crt
+- --etcd-key=/etc/weighbridge/etcd/tls.key
+{{- end }}
+
+{{/* weighbridge.etcdTLSMount: the volumeMount for weighbridge.etcdTLSArgs' files. */}}
+{{- define "weighbridge.etcdTLSMount" -}}
+- {name: etcd-tls, mountPath: /etc/weighbridge/etcd, readOnly: true}
+{{- end }}
+
+{{/* weighbridge.etcdTLSVolume: the etcd client Secret as a volume; same argument as
+weighbridge.etcdClientSecret. Readable by the pods' group only (fsGroup 65532). */}}
+{{- define "weighbridge.etcdTLSVolume" -}}
+- name: etcd-tls
+  secret:
+    secretName: {{ include "weighbridge.etcdClientSecret" . }}
+    defaultMode: 0440
+{{- end }}
