@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import ssl
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -765,3 +767,91 @@ async def test_generated_etcd_certificates_are_kept_across_helm_upgrade(
         run_helm, helm, "uninstall", "wb", "--namespace", k8s.ns, kubeconfig=apiserver.kubeconfig
     )
     assert out.returncode == 0, out.stderr
+
+
+class ChartEtcd(testenv.Etcd):
+    """A real etcd on loopback with the client-side TLS flags of the chart's StatefulSet, its
+    files where the chart's generated Secrets were written."""
+
+    scheme = "https"
+
+    def __init__(self, workdir: Path, flags: list[str], root: Path) -> None:
+        super().__init__(workdir, "chart-etcd")
+        self.flags, self.root = flags, root
+
+    def _tls_args(self) -> list[str]:
+        return self.flags
+
+    def _health_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.root / "ca.crt"))
+        context.load_cert_chain(str(self.root / "tls.crt"), str(self.root / "tls.key"))
+        return context
+
+
+def test_chart_certificates_and_etcd_auth_job_lock_a_real_etcd_down(
+    helm: Path, tmp_path: Path
+) -> None:
+    """End to end with what the chart renders: etcd started with the StatefulSet's TLS flags and
+    the generated certificates, the etcd-auth Job's own command (root's certificate), then the
+    controller's certificate may write a set and the proxy's may only read it."""
+    docs = render(helm, "default", [])
+    for d in docs:
+        if d["kind"] == "Secret" and d["metadata"]["name"].startswith("wb-weighbridge-etcd-"):
+            directory = tmp_path / d["metadata"]["name"].removeprefix("wb-weighbridge-etcd-")
+            directory.mkdir()
+            for name, data in d["data"].items():
+                (directory / name).write_bytes(base64.b64decode(data))
+    (server,) = one(docs, "StatefulSet", "wb-weighbridge-etcd")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    client_tls = ("--cert-file", "--key-file", "--trusted-ca-file", "--client-cert-auth")
+    flags = [
+        f.replace("/etc/etcd/tls", str(tmp_path / "server"))
+        for f in server["command"]
+        if f.startswith(client_tls)
+    ]
+    assert len(flags) == 4
+    etcd = ChartEtcd(tmp_path, flags, tmp_path / "root")
+    etcd.start()
+    try:
+
+        def wbctl(args: list[str], user: str) -> subprocess.CompletedProcess[str]:
+            args = [
+                a.replace("/etc/weighbridge/etcd", str(tmp_path / user)).replace(
+                    "--etcd=wb-weighbridge-etcd:2379", f"--etcd={etcd.endpoint}"
+                )
+                for a in args
+            ]
+            return subprocess.run(
+                [sys.executable, "-m", "weighbridge.wbctl", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        (job,) = one(docs, "Job", "wb-weighbridge-etcd-auth")["spec"]["template"]["spec"][
+            "containers"
+        ]
+        setup = wbctl(job["args"], "root")
+        assert setup.returncode == 0, setup.stderr
+
+        def as_user(user: str, *command: str) -> subprocess.CompletedProcess[str]:
+            connect = [
+                a
+                for a in args_of(docs, user)
+                if a.startswith(
+                    ("--etcd=", "--prefix=", "--etcd-cacert", "--etcd-cert", "--etcd-key")
+                )
+            ]
+            return wbctl([*connect, *command], user)
+
+        put = ("put", "default/echo", "--strategy", "round_robin", "--endpoint", "10.0.0.1:80")
+        written = as_user("controller", *put)
+        assert written.returncode == 0, written.stderr
+        refused = as_user("proxy", *put)
+        assert refused.returncode != 0
+        assert "permission denied" in refused.stderr.lower(), refused.stderr
+        read = as_user("proxy", "get", "default/echo")
+        assert read.returncode == 0 and "10.0.0.1" in read.stdout, read.stderr
+    finally:
+        etcd.stop()
