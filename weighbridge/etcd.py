@@ -143,16 +143,18 @@ def client(endpoints: str, *, tls: EtcdTLS | None = None, timeout: float = 5.0) 
     """
     eps = parse_endpoints(endpoints)
     host, port = eps[0]
+    options: dict[str, Any] = dict(_CHANNEL_OPTIONS)
     if len(eps) > 1 and all(_is_ip(h) for h, _ in eps):
         family = "ipv6" if ":" in eps[0][0] else "ipv4"
         joined = ",".join(join_hostport(h, p) for h, p in eps[:-1])
         last_host, port = eps[-1]
         host = f"{family}:{joined},{f'[{last_host}]' if ':' in last_host else last_host}"
+        # Such a target has no host name to verify: every member's certificate must then
+        # name the first endpoint's address (one certificate for all members usually does).
+        options["grpc.ssl_target_name_override"] = eps[0][0]
     if tls is not None:
-        return TLSClient(
-            tls=tls, host=host, port=port, timeout=timeout, options=dict(_CHANNEL_OPTIONS)
-        )
-    return aetcd.Client(host=host, port=port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))
+        return TLSClient(tls=tls, host=host, port=port, timeout=timeout, options=options)
+    return aetcd.Client(host=host, port=port, timeout=timeout, options=options)
 
 
 class TLSClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped

@@ -234,3 +234,13 @@ async def test_a_rotated_client_certificate_is_used_at_the_next_reconnect(
             await store.close(stale_client)
     finally:
         server.stop()
+
+
+async def test_several_ip_endpoints_connect_over_tls(secure_etcd: testenv.TLSEtcd) -> None:
+    # One gRPC target over all members: the certificate is checked against the first address.
+    endpoints = f"{secure_etcd.endpoint},{secure_etcd.endpoint}"
+    client = store.client(endpoints, tls=tls(secure_etcd.client_files(CONTROLLER)))
+    try:
+        await store.list_sets(client, SCHEME)
+    finally:
+        await store.close(client)
