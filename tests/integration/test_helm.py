@@ -51,6 +51,11 @@ VARIANTS: dict[str, list[str]] = {
         "etcd.external.tls.proxySecretName=etcd-wb-proxy",
         "etcd.external.tls.rootSecretName=etcd-root",
     ],
+    "proxy-backend-tls": [
+        "proxy.backendTLS.clientSecretName=proxy-client",
+        "proxy.backendTLS.caSecretName=backends-ca",
+        "proxy.backendTLS.namedCASecrets.payments=payments-ca",
+    ],
     "plaintext-etcd-no-networkpolicy": ["etcd.tls.enabled=false", "networkPolicy.enabled=false"],
     "proxy-mtls": [
         "proxy.tls.secretName=proxy-tls",
@@ -703,6 +708,21 @@ def test_proxy_tls_values_become_the_proxy_flags(helm: Path) -> None:
     }
     service = one(docs, "Service", "wb-weighbridge-proxy")
     assert "appProtocol" not in service["spec"]["ports"][0]  # not h2c any more
+
+    docs = render(helm, "default", VARIANTS["proxy-backend-tls"])
+    assert {
+        "--backend-client-cert=/etc/weighbridge/backend-client/tls.crt",
+        "--backend-client-key=/etc/weighbridge/backend-client/tls.key",
+        "--backend-ca=/etc/weighbridge/backend-ca/ca.crt",
+        "--backend-ca-dir=/etc/weighbridge/backend-cas",
+    } <= set(args_of(docs, "proxy"))
+    pod = one(docs, "Deployment", "wb-weighbridge-proxy")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["backend-ca-payments"] == "/etc/weighbridge/backend-cas/payments"  # NAME/ca.crt
+    assert {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}[
+        "backend-ca-payments"
+    ] == "payments-ca"
 
 
 async def etcd_secrets(kube: Kube, ns: str) -> dict[str, dict[str, str]]:
