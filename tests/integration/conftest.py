@@ -157,11 +157,12 @@ async def running_controller(
     identity: str = "controller-a",
     source: Source = DEFAULTS.source,
     lease_ttl: int = 3,
+    etcd_tls: store.EtcdTLS | None = None,
 ) -> AsyncIterator[Controller]:
     """A controller running in this event loop, stopped (and resigned) on exit; its lease is
-    short so that failover tests finish quickly."""
+    short so that failover tests finish quickly. With ``etcd_tls`` it reaches etcd over TLS."""
     kube = await Kube.connect(str(kubeconfig))
-    etcd = store.client(etcd_endpoint)
+    etcd = store.client(etcd_endpoint, tls=etcd_tls)
     controller = Controller(
         kube=kube,
         etcd=etcd,

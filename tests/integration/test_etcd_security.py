@@ -18,7 +18,14 @@ import grpc
 import pytest
 
 from devtools import testenv
-from tests.integration.conftest import eventually, running_proxy
+from tests.integration import kubeobjects as ko
+from tests.integration.conftest import (
+    Cluster,
+    eventually,
+    running_controller,
+    running_proxy,
+    stored_set,
+)
 from weighbridge import etcd as store
 from weighbridge.errors import EtcdPermissionDeniedError, EtcdUnavailableError
 from weighbridge.etcdauth import CONTROLLER, PROXY
@@ -244,3 +251,32 @@ async def test_several_ip_endpoints_connect_over_tls(secure_etcd: testenv.TLSEtc
         await store.list_sets(client, SCHEME)
     finally:
         await store.close(client)
+
+
+async def test_a_controller_with_its_certificate_leads_and_publishes(
+    secure_etcd: testenv.TLSEtcd, apiserver: testenv.KubeAPIServer, k8s: Cluster
+) -> None:
+    # A prefix of its own (a second `setup` adds its grants), since a controller's resync
+    # removes every set it does not manage.
+    scheme = KeyScheme("/wbsec-controller/")
+    wbctl(secure_etcd, secure_etcd.root, "etcd-auth", "setup", "--prefix", scheme.prefix)
+    proxy = store.client(secure_etcd.endpoint, tls=tls(secure_etcd.client_files(PROXY)))
+    try:
+        async with running_controller(
+            apiserver.kubeconfig,
+            secure_etcd.endpoint,
+            scheme,
+            etcd_tls=tls(secure_etcd.client_files(CONTROLLER)),
+        ):
+            await k8s.create(
+                ko.service(k8s.ns, "api", {"weighbridge.io/strategy": "weighted_random"})
+            )
+            await k8s.create(ko.endpoint_slice(k8s.ns, "api", "api-1", [ko.Ep(ko.address(1))]))
+            published = await eventually(
+                lambda: stored_set(proxy, scheme, f"{k8s.ns}/api"),
+                lambda found: found is not None,
+                what="the set the controller published, read with the proxy's certificate",
+            )
+            assert published is not None and published.strategy == "weighted_random"
+    finally:
+        await store.close(proxy)
