@@ -13,6 +13,7 @@ Service annotations::
     weighbridge.io/outlier-detection: "consecutive-failures: 3"   # see weighbridge.policy
     weighbridge.io/health-check: "service: helloworld.Greeter"
     weighbridge.io/panic-threshold: 50%
+    weighbridge.io/backend-tls: "server-name: api.shop.svc; ca: shop-ca"   # optional
 
 Pod annotation::
 
@@ -45,14 +46,16 @@ RETRY: Final = PREFIX + policy.RETRY
 OUTLIER_DETECTION: Final = PREFIX + policy.OUTLIER_DETECTION
 HEALTH_CHECK: Final = PREFIX + policy.HEALTH_CHECK
 PANIC_THRESHOLD: Final = PREFIX + policy.PANIC_THRESHOLD
+BACKEND_TLS: Final = PREFIX + policy.BACKEND_TLS
 
 POLICIES: Final = {
     RETRY: (policy.RETRY, "InvalidRetry"),
     OUTLIER_DETECTION: (policy.OUTLIER_DETECTION, "InvalidOutlierDetection"),
     HEALTH_CHECK: (policy.HEALTH_CHECK, "InvalidHealthCheck"),
     PANIC_THRESHOLD: (policy.PANIC_THRESHOLD, "InvalidPanicThreshold"),
+    BACKEND_TLS: (policy.BACKEND_TLS, "InvalidBackendTLS"),
 }
-"""Failover policy annotation → (its ``BackendSet.options`` key, the Event reason of an error)."""
+"""Policy annotation → (its ``BackendSet.options`` key, the Event reason of an error)."""
 
 MAX_WEIGHT: Final = 1_000_000
 """Largest per-pod weight a human may write; far beyond any sensible ratio, small enough that

@@ -214,6 +214,7 @@ class NativeEngine:
     def __init__(
         self, sock: socket.socket, settings: ProxySettings, *, seed: int | None = None
     ) -> None:
+        self._settings = settings
         self._engine = weighbridge_native.Engine(
             sock.fileno(),
             threads=settings.engine_threads,
@@ -247,6 +248,11 @@ class NativeEngine:
             ),
             health_check=failover.health_check.engine_args() if failover.health_check else None,
             panic_threshold=failover.panic_threshold.engine_args(),
+            tls=(
+                self._settings.backend_tls(key, failover.backend_tls)
+                if failover.backend_tls
+                else None
+            ),
         )
 
     def remove(self, key: ServiceKey) -> None:

@@ -132,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --tls-cert, also accept plaintext h2c on the same port",
     )
     p.add_argument(
+        "--backend-ca",
+        metavar="PATH",
+        help="PEM CA bundle of backends' certificates, for weighbridge.io/backend-tls without ca",
+    )
+    p.add_argument(
+        "--backend-ca-dir",
+        metavar="DIR",
+        help="named CA bundles DIR/NAME/ca.crt, for 'ca: NAME' in weighbridge.io/backend-tls",
+    )
+    p.add_argument(
+        "--backend-client-cert",
+        metavar="PATH",
+        help="PEM certificate presented to backends that require one (client-certificate: on)",
+    )
+    p.add_argument("--backend-client-key", metavar="PATH", help="its PEM private key")
+    p.add_argument(
         "--max-message-bytes",
         type=positive_int,
         default=d.max_message_bytes,
@@ -180,6 +196,10 @@ def settings_of(args: argparse.Namespace) -> ProxySettings:
             i.strip() for i in args.tls_allowed_identities.split(",") if i.strip()
         ),
         allow_h2c=args.allow_h2c,
+        backend_ca=args.backend_ca,
+        backend_ca_dir=args.backend_ca_dir,
+        backend_client_cert=args.backend_client_cert,
+        backend_client_key=args.backend_client_key,
         grace=args.grace,
         eager_connections=not args.lazy_connect,
     )

@@ -75,7 +75,19 @@ class Routes:
             del self.services[key]
             self.engine.remove(key)
         else:
-            self.engine.apply(key, configure(backend_set))
+            try:
+                self.engine.apply(key, configure(backend_set))
+            except ValueError as exc:
+                # Only a setting this proxy cannot honour (its backend TLS files are missing,
+                # say): calls keep the set applied before, never go out in a weaker form.
+                log.error(
+                    "backend_set_not_applied",
+                    service=key,
+                    generation=backend_set.generation,
+                    error=str(exc),
+                    kept="the previous set" if old is not None else "no route",
+                )
+                return
             self.services[key] = ServiceState(backend_set, mod_revision)
         old_names = old.backend_set.grpc_services if old is not None else ()
         new_names = backend_set.grpc_services if backend_set is not None else ()

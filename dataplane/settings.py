@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from weighbridge.policy import BackendTls
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProxySettings:
@@ -72,6 +74,17 @@ class ProxySettings:
     tls_reload_interval_s: float = 10.0
     """Seconds between reads of the TLS files: a Secret's change reaches the pod about a minute
     late anyway, and reading three small files costs nothing."""
+    backend_ca: str | None = None
+    """PEM CA bundle that signs backends' certificates, for Services whose
+    ``weighbridge.io/backend-tls`` names no ``ca``."""
+    backend_ca_dir: str | None = None
+    """Directory of named CA bundles (``NAME/ca.crt``), for ``ca: NAME`` in
+    ``weighbridge.io/backend-tls``; the chart mounts one Secret per name here."""
+    backend_client_cert: str | None = None
+    """PEM certificate the proxy presents to backends that require client certificates
+    (``client-certificate: on`` in ``weighbridge.io/backend-tls``)."""
+    backend_client_key: str | None = None
+    """Its PEM private key."""
     max_message_bytes: int = 16 << 20
     """Largest gRPC message either way: 16 MiB holds what real APIs send (gRPC's own default
     of 4 MiB is often raised) while bounding what one call can make the proxy forward."""
@@ -111,8 +124,37 @@ class ProxySettings:
             raise ValueError("--tls-client-ca and --allow-h2c need --tls-cert and --tls-key")
         if self.tls_allowed_identities and not self.tls_client_ca:
             raise ValueError("--tls-allowed-identities needs --tls-client-ca (mTLS)")
+        if (self.backend_client_cert is None) != (self.backend_client_key is None):
+            raise ValueError("--backend-client-cert and --backend-client-key go together")
         if not (self.tls_reload_interval_s > 0 and math.isfinite(self.tls_reload_interval_s)):
             raise ValueError(f"TLS reload interval must be > 0 s, not {self.tls_reload_interval_s}")
+
+    def backend_tls(self, key: str, policy: BackendTls) -> tuple[str, str, str, str]:
+        """The engine's ``tls`` for Service ``key`` (NAMESPACE/NAME) under ``policy``: (server
+        name, CA file, client certificate file or "", its key or ""). Raises ValueError when
+        this proxy lacks what the policy asks for."""
+        namespace, _, name = key.partition("/")
+        server_name = policy.server_name or f"{name}.{namespace}.svc"
+        if policy.ca:
+            if self.backend_ca_dir is None:
+                raise ValueError(
+                    f"backend TLS names CA bundle {policy.ca!r}, but this proxy has no "
+                    "--backend-ca-dir"
+                )
+            ca = str(Path(self.backend_ca_dir) / policy.ca / "ca.crt")
+        elif self.backend_ca is not None:
+            ca = self.backend_ca
+        else:
+            raise ValueError("backend TLS names no CA bundle, and this proxy has no --backend-ca")
+        cert, key_file = "", ""
+        if policy.client_certificate:
+            if self.backend_client_cert is None or self.backend_client_key is None:
+                raise ValueError(
+                    "backend TLS asks for a client certificate, but this proxy has no "
+                    "--backend-client-cert and --backend-client-key"
+                )
+            cert, key_file = self.backend_client_cert, self.backend_client_key
+        return server_name, ca, cert, key_file
 
     @property
     def engine_tls(self) -> tuple[str, str, str, list[str], bool, float] | None:

@@ -7,7 +7,8 @@ can check what went through the proxy. Request metadata steers it:
 
 Backend-wide: ``fail`` answers every call at once with that status and no response headers
 (Trailers-Only, as a failing gRPC server does); ``health`` serves ``grpc.health.v1`` whose
-status tests set; ``options`` are gRPC server options (e.g. ``grpc.max_connection_age_ms``).
+status tests set; ``options`` are gRPC server options (e.g. ``grpc.max_connection_age_ms``);
+``tls`` serves TLS only, with these server credentials.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class EchoBackend:
     fail: grpc.StatusCode | None = None
     health: Any = None
     options: tuple[tuple[str, Any], ...] = ()
+    tls: grpc.ServerCredentials | None = None
 
     @property
     def hostport(self) -> str:
@@ -61,7 +63,11 @@ class EchoBackend:
             from grpc_health.v1 import health_pb2_grpc
 
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{self.host}:{port}")
+        address = f"{self.host}:{port}"
+        if self.tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.tls)
         await self.server.start()
 
     async def stop(self, grace: float | None = None) -> None:

@@ -1,5 +1,5 @@
-"""Failover policies of a Service: configured retries, outlier detection, active health checks
-and the panic threshold.
+"""Policies of a Service beyond its strategy: configured retries, outlier detection, active
+health checks, the panic threshold, and TLS to its backends.
 
 This module is the one home of their defaults and of their text: the annotation syntax the
 controller parses (``weighbridge.io/retry``, ``…/outlier-detection``, ``…/health-check``,
@@ -34,7 +34,8 @@ RETRY: Final = "retry"
 OUTLIER_DETECTION: Final = "outlier-detection"
 HEALTH_CHECK: Final = "health-check"
 PANIC_THRESHOLD: Final = "panic-threshold"
-OPTION_KEYS: Final = (RETRY, OUTLIER_DETECTION, HEALTH_CHECK, PANIC_THRESHOLD)
+BACKEND_TLS: Final = "backend-tls"
+OPTION_KEYS: Final = (RETRY, OUTLIER_DETECTION, HEALTH_CHECK, PANIC_THRESHOLD, BACKEND_TLS)
 """``BackendSet.options`` keys of the policies: the annotation names without ``weighbridge.io/``.
 An absent key means the policy's default."""
 
@@ -342,6 +343,65 @@ def parse_health_check(text: str) -> HealthCheck | None:
     return HealthCheck(**kw)
 
 
+_CA_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_SERVER_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]{0,251}[A-Za-z0-9])?")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendTls:
+    """TLS from the proxies to the Service's endpoints (``weighbridge.io/backend-tls``)."""
+
+    server_name: str = ""
+    """The name the endpoints' certificates must carry, also sent as SNI; "" means the
+    Service's own DNS name, NAME.NAMESPACE.svc, which a cluster's certificates usually hold."""
+    ca: str = ""
+    """The CA bundle that signs them: a name under the proxies' ``--backend-ca-dir`` (the chart
+    mounts a Secret there per name); "" means the proxies' ``--backend-ca``."""
+    client_certificate: bool = False
+    """Present the proxies' own certificate (``--backend-client-cert``), for endpoints that
+    require client certificates (mTLS)."""
+
+    def __post_init__(self) -> None:
+        if self.server_name and not _SERVER_NAME.fullmatch(self.server_name):
+            raise ValueError(f"server-name: {self.server_name!r} is not a DNS name")
+        if self.ca and not _CA_NAME.fullmatch(self.ca):
+            raise ValueError(
+                f"ca: {self.ca!r} is not a name of a CA bundle (lower-case letters, digits, "
+                "'-' and '.', like shop-ca)"
+            )
+
+
+def parse_backend_tls(text: str) -> BackendTls | None:
+    """``weighbridge.io/backend-tls``: ``server-name``, ``ca``, ``client-certificate`` (on or
+    off); ``on`` is TLS with the defaults, ``off`` None (plaintext h2c)."""
+    entries = _entries(text)
+    if entries == ["off"]:
+        return None
+    if entries == ["on"]:
+        return BackendTls()
+    fields = _fields(entries, ("server-name", "ca", "client-certificate"))
+    kw: dict[str, Any] = {}
+    if "server-name" in fields:
+        kw["server_name"] = fields["server-name"]
+    if "ca" in fields:
+        kw["ca"] = fields["ca"]
+    if "client-certificate" in fields:
+        value = fields["client-certificate"]
+        if value not in ("on", "off"):
+            raise ValueError(f"client-certificate: {value!r} is not on or off")
+        kw["client_certificate"] = value == "on"
+    return BackendTls(**kw)
+
+
+def format_backend_tls(policy: BackendTls | None) -> str:
+    if policy is None:
+        return "off"
+    parts = [f"server-name: {policy.server_name}"] if policy.server_name else []
+    parts += [f"ca: {policy.ca}"] if policy.ca else []
+    parts.append(f"client-certificate: {'on' if policy.client_certificate else 'off'}")
+    return "; ".join(parts)
+
+
 def parse_panic_threshold(text: str) -> PanicThreshold:
     """``weighbridge.io/panic-threshold``: one percentage, like ``50%``."""
     entries = _entries(text)
@@ -535,7 +595,8 @@ def format_duration(ms: int) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Failover:
-    """A Service's failover policies, each field defaulting to the policy's default."""
+    """A Service's policies beyond its strategy (failover, and TLS to its backends), each field
+    defaulting to the policy's default."""
 
     retry: RetryPolicy | None = None
     """None: no configured retries (the engine's transparent retries always happen)."""
@@ -544,6 +605,8 @@ class Failover:
     health_check: HealthCheck | None = None
     """None: off, since not every backend serves grpc.health.v1."""
     panic_threshold: PanicThreshold = PanicThreshold()
+    backend_tls: BackendTls | None = None
+    """None: plaintext h2c to the endpoints."""
 
 
 DEFAULTS: Final = Failover()
@@ -554,6 +617,7 @@ _CANONICAL: Final[Mapping[str, Callable[[str], str]]] = {
     OUTLIER_DETECTION: lambda text: format_outlier_detection(parse_outlier_detection(text)),
     HEALTH_CHECK: lambda text: format_health_check(parse_health_check(text)),
     PANIC_THRESHOLD: lambda text: format_panic_threshold(parse_panic_threshold(text)),
+    BACKEND_TLS: lambda text: format_backend_tls(parse_backend_tls(text)),
 }
 
 
@@ -588,11 +652,13 @@ def failover_from_options(options: Mapping[str, str]) -> tuple[Failover, dict[st
         ),
         health_check=read(HEALTH_CHECK, parse_health_check, DEFAULTS.health_check),
         panic_threshold=read(PANIC_THRESHOLD, parse_panic_threshold, DEFAULTS.panic_threshold),
+        backend_tls=read(BACKEND_TLS, parse_backend_tls, DEFAULTS.backend_tls),
     )
     return failover, errors
 
 
 __all__ = [
+    "BACKEND_TLS",
     "DEFAULTS",
     "HEALTH_CHECK",
     "OPTION_KEYS",
@@ -600,6 +666,7 @@ __all__ = [
     "PANIC_THRESHOLD",
     "RETRY",
     "STATUS_CODES",
+    "BackendTls",
     "Failover",
     "HealthCheck",
     "OutlierDetection",
@@ -607,11 +674,13 @@ __all__ = [
     "RetryPolicy",
     "canonical_option",
     "failover_from_options",
+    "format_backend_tls",
     "format_duration",
     "format_health_check",
     "format_outlier_detection",
     "format_panic_threshold",
     "format_retry",
+    "parse_backend_tls",
     "parse_duration",
     "parse_health_check",
     "parse_outlier_detection",

@@ -20,7 +20,7 @@ use crate::retry::{Budget, RetryArg, RetryPolicy, ServiceCounters};
 use crate::routing::{Policy, Route, Table, Target};
 use crate::stats::{Counters, Stats};
 use crate::strategy::Picker;
-use crate::tls::{Paths, ServerTls};
+use crate::tls::{ClientTls, ClientTlsArg, Paths, ServerTls};
 use crate::workers::{self, WorkerCounters};
 
 /// The client port's TLS as Python hands it over: (certificate file, key file, client CA file
@@ -68,7 +68,7 @@ impl Shared {
 
     fn release(&self, route: &Route) {
         for t in &route.targets {
-            self.pool.release(&t.backend.hostport);
+            self.pool.release(&t.backend.key);
         }
     }
 }
@@ -282,7 +282,10 @@ impl Engine {
     /// endpoint of the set, eligible or not, to explain an empty route. The failover settings
     /// come resolved (defaults live in Python): `retry`, `outlier` and `health_check` are None
     /// when off. Raises ValueError for an unknown strategy, a weight of 0 or a bad setting.
-    #[pyo3(signature = (key, strategy, endpoints, total, *, retry, outlier, health_check, panic_threshold))]
+    #[pyo3(signature = (
+        key, strategy, endpoints, total, *, retry, outlier, health_check, panic_threshold,
+        tls=None
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn apply(
         &self,
@@ -294,6 +297,7 @@ impl Engine {
         outlier: Option<OutlierArg>,
         health_check: Option<CheckArg>,
         panic_threshold: u32,
+        tls: Option<ClientTlsArg>,
     ) -> PyResult<()> {
         let invalid = |e: String| PyValueError::new_err(format!("Service {key}: {e}"));
         let policy = Policy {
@@ -315,6 +319,11 @@ impl Engine {
             .map(CheckPolicy::from_arg)
             .transpose()
             .map_err(invalid)?;
+        let tls = tls
+            .map(ClientTls::load)
+            .transpose()
+            .map_err(|e| invalid(format!("backend TLS: {e}")))?
+            .map(Arc::new);
         let weights: Vec<u32> = endpoints.iter().map(|(_, _, w)| *w).collect();
         let why = if total == 0 {
             "no endpoints".to_string()
@@ -357,14 +366,19 @@ impl Engine {
                                 Arc::new(Health::new(owner)),
                             )
                         });
-                health.set_checks(check.as_ref(), shared.pool.runtime(i), handshake);
+                health.set_checks(
+                    check.as_ref(),
+                    shared.pool.runtime(i),
+                    handshake,
+                    tls.as_ref(),
+                );
                 let pod = if pod.is_empty() {
                     String::new()
                 } else {
                     format!(", pod {pod}")
                 };
                 Target {
-                    backend: shared.pool.acquire(hostport),
+                    backend: shared.pool.acquire(hostport, tls.as_ref()),
                     stats: Arc::clone(stats),
                     health: Arc::clone(health),
                     who: format!("backend {hostport} (Service {key}{pod})"),

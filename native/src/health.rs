@@ -18,6 +18,7 @@ use crate::events::{unix_now, Events};
 use crate::grpc;
 use crate::pool;
 use crate::retry::ServiceCounters;
+use crate::tls::ClientTls;
 
 const EJECTED: u8 = 1;
 const UNHEALTHY: u8 = 2;
@@ -113,7 +114,7 @@ pub struct Health {
     /// Bumped by every ejection, so that an old ejection's timer does not end a newer one.
     epoch: AtomicU64,
     status: Mutex<Status>,
-    check: Mutex<Option<(CheckPolicy, AbortHandle)>>,
+    check: Mutex<Option<(CheckPolicy, Option<String>, AbortHandle)>>,
     owner: Owner,
 }
 
@@ -293,19 +294,22 @@ impl Health {
         }
     }
 
-    /// Runs `policy`'s health checks on `runtime` (None: stops them); a policy equal to the
-    /// running one keeps its task, so set updates do not restart checks.
+    /// Runs `policy`'s health checks on `runtime`, over TLS when `tls` is given (None: stops
+    /// them); a policy and TLS equal to the running ones keep their task, so set updates do not
+    /// restart checks.
     pub fn set_checks(
         self: &Arc<Self>,
         policy: Option<&CheckPolicy>,
         runtime: &Handle,
         handshake: Duration,
+        tls: Option<&Arc<ClientTls>>,
     ) {
         let mut check = self.check.lock().unwrap_or_else(|e| e.into_inner());
-        if check.as_ref().map(|(p, _)| p) == policy {
+        let tls_key = tls.map(|t| t.key.clone());
+        if check.as_ref().map(|(p, k, _)| (p, k)) == policy.map(|p| (p, &tls_key)) {
             return;
         }
-        if let Some((_, task)) = check.take() {
+        if let Some((_, _, task)) = check.take() {
             task.abort();
         }
         if policy.is_none() && self.flags.fetch_and(!UNHEALTHY, Relaxed) & UNHEALTHY != 0 {
@@ -313,19 +317,29 @@ impl Health {
             self.transition(&mut s, "healthy", "health checks turned off".into());
         }
         if let Some(policy) = policy {
-            let task = runtime.spawn(check_loop(Arc::downgrade(self), policy.clone(), handshake));
-            *check = Some((policy.clone(), task.abort_handle()));
+            let task = runtime.spawn(check_loop(
+                Arc::downgrade(self),
+                policy.clone(),
+                handshake,
+                tls.cloned(),
+            ));
+            *check = Some((policy.clone(), tls_key, task.abort_handle()));
         }
     }
 
     pub fn stop_checks(&self) {
-        if let Some((_, task)) = self.check.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some((_, _, task)) = self.check.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
         }
     }
 }
 
-async fn check_loop(health: Weak<Health>, policy: CheckPolicy, handshake: Duration) {
+async fn check_loop(
+    health: Weak<Health>,
+    policy: CheckPolicy,
+    handshake: Duration,
+    tls: Option<Arc<ClientTls>>,
+) {
     let Some(hostport) = health.upgrade().map(|h| h.owner.hostport.clone()) else {
         return;
     };
@@ -333,7 +347,13 @@ async fn check_loop(health: Weak<Health>, policy: CheckPolicy, handshake: Durati
     loop {
         let result = match tokio::time::timeout(
             policy.timeout,
-            check(&mut conn, &hostport, &policy.service, handshake),
+            check(
+                &mut conn,
+                &hostport,
+                &policy.service,
+                handshake,
+                tls.as_deref(),
+            ),
         )
         .await
         {
@@ -360,6 +380,7 @@ async fn check(
     hostport: &str,
     service: &str,
     handshake: Duration,
+    tls: Option<&ClientTls>,
 ) -> Result<(), String> {
     let request = || {
         http::Request::post(format!("http://{hostport}/grpc.health.v1.Health/Check"))
@@ -383,7 +404,7 @@ async fn check(
     let (sender, (response, mut body)) = match kept {
         Some(sent) => sent,
         None => {
-            let mut sender = pool::dial(hostport, handshake, |_| {})
+            let mut sender = pool::dial(hostport, handshake, tls, |_| {})
                 .await?
                 .0
                 .ready()

@@ -31,12 +31,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{Ping, PingPong, Reason};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 
 use crate::events::{unix_now, Events};
 use crate::proxy::{CONNECTION_WINDOW, STREAM_WINDOW};
+use crate::tls::ClientTls;
 use crate::workers;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -58,12 +60,14 @@ pub struct Tuning {
     pub keepalive_timeout: Duration,
 }
 
-/// Opens an HTTP/2 connection to `hostport`: TCP, the handshake, and one PING answered, the
-/// handshake and PING within `handshake`. The connection runs on this thread's runtime until
-/// the returned sender and every stream let go (or it is aborted); `on_close` gets its end.
+/// Opens an HTTP/2 connection to `hostport`: TCP, TLS when `tls` is given, the handshake, and
+/// one PING answered, TLS, handshake and PING within `handshake`. The connection runs on this
+/// thread's runtime until the returned sender and every stream let go (or it is aborted);
+/// `on_close` gets its end.
 pub async fn dial(
     hostport: &str,
     handshake: Duration,
+    tls: Option<&ClientTls>,
     on_close: impl FnOnce(Result<(), h2::Error>) + Send + 'static,
 ) -> Result<(SendRequest<Bytes>, PingPong, AbortHandle), String> {
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(hostport)).await {
@@ -77,6 +81,33 @@ pub async fn dial(
         }
     };
     tcp.set_nodelay(true).map_err(|e| io_message(&e))?;
+    let deadline = tokio::time::Instant::now() + handshake;
+    match tls {
+        None => speak_h2(tcp, deadline, handshake, on_close).await,
+        Some(tls) => {
+            let connecting = tls.connector.connect(tls.server_name.clone(), tcp);
+            match tokio::time::timeout_at(deadline, connecting).await {
+                Ok(Ok(stream)) => speak_h2(stream, deadline, handshake, on_close).await,
+                Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                Err(_) => Err(format!(
+                    "TLS handshake: no answer within {}s",
+                    handshake.as_secs_f64()
+                )),
+            }
+        }
+    }
+}
+
+/// The HTTP/2 handshake and a PING answered on `io`, by `deadline`.
+async fn speak_h2<T>(
+    io: T,
+    deadline: tokio::time::Instant,
+    handshake: Duration,
+    on_close: impl FnOnce(Result<(), h2::Error>) + Send + 'static,
+) -> Result<(SendRequest<Bytes>, PingPong, AbortHandle), String>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let silent = || {
         format!(
             "HTTP/2 handshake: no answer within {}s (a process that is stopped or overloaded \
@@ -84,12 +115,11 @@ pub async fn dial(
             handshake.as_secs_f64()
         )
     };
-    let deadline = tokio::time::Instant::now() + handshake;
     let handshaking = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .enable_push(false)
-        .handshake::<_, Bytes>(tcp);
+        .handshake::<_, Bytes>(io);
     let (sender, mut connection) = match tokio::time::timeout_at(deadline, handshaking).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => return Err(format!("HTTP/2 handshake failed: {e}")),
@@ -214,6 +244,9 @@ struct Health {
 
 pub struct Backend {
     pub hostport: String,
+    /// Its key in the pool: HOST:PORT, and the TLS configuration when there is one.
+    pub key: String,
+    pub tls: Option<Arc<ClientTls>>,
     /// Its connects fail: strategies skip it; `reconnecting` says a task is trying again.
     down: AtomicBool,
     reconnecting: AtomicBool,
@@ -232,12 +265,15 @@ pub struct Backend {
 impl Backend {
     fn new(
         hostport: String,
+        tls: Option<Arc<ClientTls>>,
         threads: usize,
         max_connections: usize,
         tuning: Tuning,
         events: Arc<Events>,
     ) -> Self {
         Backend {
+            key: pool_key(&hostport, tls.as_deref()),
+            tls,
             hostport,
             down: AtomicBool::new(false),
             reconnecting: AtomicBool::new(false),
@@ -356,8 +392,13 @@ impl Backend {
                 me.lost(index, id, result);
             }
         };
-        let (sender, ping_pong, driver) =
-            dial(&self.hostport, self.tuning.handshake_timeout, on_close).await?;
+        let (sender, ping_pong, driver) = dial(
+            &self.hostport,
+            self.tuning.handshake_timeout,
+            self.tls.as_deref(),
+            on_close,
+        )
+        .await?;
         let state = Arc::new(ConnState {
             streams: AtomicUsize::new(0),
             progress: AtomicU64::new(0),
@@ -428,7 +469,14 @@ impl Backend {
             keepalive_time: None,
             keepalive_timeout: Duration::from_secs(1),
         };
-        Arc::new(Backend::new(hostport.into(), 1, 1, tuning, Arc::default()))
+        Arc::new(Backend::new(
+            hostport.into(),
+            None,
+            1,
+            1,
+            tuning,
+            Arc::default(),
+        ))
     }
 
     #[cfg(test)]
@@ -539,6 +587,14 @@ async fn keepalive(
     }
 }
 
+/// An endpoint's key in the pool.
+pub fn pool_key(hostport: &str, tls: Option<&ClientTls>) -> String {
+    match tls {
+        None => hostport.to_string(),
+        Some(tls) => format!("{hostport} {}", tls.key),
+    }
+}
+
 /// "Connection refused", not "Connection refused (os error 111)".
 fn io_message(e: &std::io::Error) -> String {
     let text = e.to_string();
@@ -591,20 +647,23 @@ impl Pool {
         self.backends.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn acquire(&self, hostport: &str) -> Arc<Backend> {
+    /// The endpoint `hostport`, reached with `tls` when given.
+    pub fn acquire(&self, hostport: &str, tls: Option<&Arc<ClientTls>>) -> Arc<Backend> {
+        let key = pool_key(hostport, tls.map(|t| &**t));
         let mut map = self.map();
-        if let Some((backend, refs)) = map.get_mut(hostport) {
+        if let Some((backend, refs)) = map.get_mut(&key) {
             *refs += 1;
             return Arc::clone(backend);
         }
         let backend = Arc::new(Backend::new(
             hostport.to_string(),
+            tls.cloned(),
             self.runtimes.len(),
             self.max_connections,
             self.tuning,
             Arc::clone(&self.events),
         ));
-        map.insert(hostport.to_string(), (Arc::clone(&backend), 1));
+        map.insert(key, (Arc::clone(&backend), 1));
         if self.eager {
             for runtime in &self.runtimes {
                 let warm = Arc::clone(&backend);
@@ -616,20 +675,29 @@ impl Pool {
         backend
     }
 
-    pub fn release(&self, hostport: &str) {
+    /// Lets go of the endpoint of pool key `key` (`Backend::key`).
+    pub fn release(&self, key: &str) {
         let mut map = self.map();
-        if let Some((backend, refs)) = map.get_mut(hostport) {
+        if let Some((backend, refs)) = map.get_mut(key) {
             *refs -= 1;
             if *refs == 0 {
                 backend.drain();
-                map.remove(hostport);
+                map.remove(key);
             }
         }
     }
 
-    /// (connected, last error, down, down since) of an endpoint in use, if it is.
+    /// (connected, last error, down, down since) of endpoint `hostport` in use (with whichever
+    /// TLS configuration, when several Services reach it differently: the first found).
     pub fn status(&self, hostport: &str) -> Option<(bool, String, bool, f64)> {
-        self.map().get(hostport).map(|(b, _)| b.status())
+        let map = self.map();
+        match map.get(hostport) {
+            Some((b, _)) => Some(b.status()),
+            None => map
+                .values()
+                .find(|(b, _)| b.hostport == hostport)
+                .map(|(b, _)| b.status()),
+        }
     }
 
     pub fn drain_all(&self) {
@@ -692,6 +760,7 @@ mod tests {
             const MAX: usize = 4;
             let backend = Arc::new(Backend::new(
                 server(2).await,
+                None,
                 1,
                 MAX,
                 TUNING,

@@ -221,3 +221,55 @@ impl ClientCertVerifier for AllowList {
         self.inner.supported_verify_schemes()
     }
 }
+
+/// TLS to a Service's backends: the name their certificates must carry (also sent as SNI),
+/// the CA bundle that signs them, and the proxy's own certificate when they require one.
+pub struct ClientTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: tokio_rustls::rustls::pki_types::ServerName<'static>,
+    /// Tells configurations apart in the pool: endpoints reached with different TLS settings
+    /// get different connections.
+    pub key: String,
+}
+
+/// (server name, CA bundle file, client certificate file or "", its key file or "")
+pub type ClientTlsArg = (String, String, String, String);
+
+impl ClientTls {
+    pub fn load((server_name, ca, cert, key): ClientTlsArg) -> Result<Self, String> {
+        use tokio_rustls::rustls::pki_types::ServerName;
+        use tokio_rustls::rustls::ClientConfig;
+        let ca_path = PathBuf::from(&ca);
+        let mut roots = RootCertStore::empty();
+        for c in certificates("the backend CA", &ca_path)? {
+            roots
+                .add(c)
+                .map_err(|e| format!("the backend CA {ca}: {e}"))?;
+        }
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let mut config = if cert.is_empty() {
+            builder.with_no_client_auth()
+        } else {
+            let chain = certificates("the backend client certificate", &PathBuf::from(&cert))?;
+            let private = PrivateKeyDer::from_pem_slice(&read(
+                "the backend client key",
+                &PathBuf::from(&key),
+            )?)
+            .map_err(|e| format!("the backend client key {key}: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|e| format!("the backend client certificate and key: {e}"))?
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let name = ServerName::try_from(server_name.clone())
+            .map_err(|_| format!("{server_name:?} is not a DNS name or IP address"))?;
+        Ok(ClientTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name: name,
+            key: format!("tls:{server_name}|{ca}|{cert}|{key}"),
+        })
+    }
+}

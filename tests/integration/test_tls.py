@@ -18,10 +18,11 @@ import grpc
 import pytest
 
 from devtools import testenv
-from tests.echo import echo_backends
+from tests.echo import EchoBackend, echo_backends
 from tests.integration.conftest import eventually, running_proxy
-from tests.integration.test_proxy import applied, put
+from tests.integration.test_proxy import applied, channel, put, who
 from weighbridge.keys import KeyScheme
+from weighbridge.policy import canonical_option
 
 pytestmark = pytest.mark.integration
 AUTHORITY = "echo.default"
@@ -215,3 +216,59 @@ async def test_a_rotated_certificate_is_served_without_a_restart(
             )
             # The connection opened before the rotation still carries calls.
             assert await answer(ch) == "a"
+
+
+async def test_tls_only_backends_reached_by_a_services_annotation(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, pki: Pki
+) -> None:
+    """weighbridge.io/backend-tls (as the controller stores it in the set's options): a
+    backend that serves TLS only and requires client certificates, reached through the proxy;
+    without the client certificate its handshake refuses the proxy."""
+    cert, key = pki.issue("backend", "backend", "DNS:echo.default.svc")
+    proxy_cert, proxy_key = pki.issue("proxy-client", "weighbridge-proxy", "DNS:proxy")
+    credentials = grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=pki.ca.read_bytes(),
+        require_client_auth=True,
+    )
+    b = EchoBackend("secure", tls=credentials)
+    await b.start()
+    try:
+        async with running_proxy(
+            etcd_server.endpoint,
+            scheme,
+            backend_ca=str(pki.ca),
+            backend_client_cert=str(proxy_cert),
+            backend_client_key=str(proxy_key),
+        ) as proxy:
+            # The server name defaults to the Service's, echo.default.svc.
+            on = {"backend-tls": canonical_option("backend-tls", "client-certificate: on")}
+            await applied(proxy, await put(etcd, scheme, "round_robin", [b], options=on))
+            async with channel(proxy) as ch:
+                assert [await who(ch) for _ in range(3)] == ["secure"] * 3
+
+            # Plaintext to a TLS-only backend: its connection fails, the call UNAVAILABLE.
+            await applied(proxy, await put(etcd, scheme, "round_robin", [b]))
+            async with channel(proxy) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await ch.unary_unary("/test.Echo/Unary")(b"", timeout=5)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            # TLS without the client certificate: the backend's handshake refuses it.
+            off = {"backend-tls": canonical_option("backend-tls", "client-certificate: off")}
+            await applied(proxy, await put(etcd, scheme, "round_robin", [b], options=off))
+            async with channel(proxy) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await ch.unary_unary("/test.Echo/Unary")(b"", timeout=5)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            calls = b.calls
+
+            # A CA bundle this proxy does not have: the set is not applied, the last one stays.
+            missing = {"backend-tls": canonical_option("backend-tls", "ca: shop-ca")}
+            await applied(proxy, await put(etcd, scheme, "round_robin", [b], options=missing))
+            async with channel(proxy) as ch:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await ch.unary_unary("/test.Echo/Unary")(b"", timeout=5)
+            assert b.calls == calls
+    finally:
+        await b.stop(0)
