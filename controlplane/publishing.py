@@ -6,8 +6,7 @@ import aetcd
 
 from controlplane.errors import NotLeaderError
 from controlplane.leading import Term
-from weighbridge.errors import EtcdUnavailableError
-from weighbridge.etcd import CLIENT_ERRORS
+from weighbridge.etcd import CLIENT_ERRORS, wrap_error
 from weighbridge.keys import KeyScheme, ServiceKey
 
 
@@ -37,7 +36,7 @@ class Publisher:
                 failure=[],
             )
         except CLIENT_ERRORS as exc:
-            raise EtcdUnavailableError(f"writing {key}: {exc}") from exc
+            raise wrap_error(f"writing {key}", exc) from exc
         if not ok:
             raise NotLeaderError(
                 f"etcd refused the write of {key}: leadership fence {self.term.fence} is stale"

@@ -209,6 +209,7 @@ async def test_a_rotated_client_certificate_is_used_at_the_next_reconnect(
     try:
         files = server.client_files(PROXY)
         client = store.client(server.endpoint, tls=tls(files))
+        controller = store.client(server.endpoint, tls=tls(server.client_files(CONTROLLER)))
         stale_dir = tmp_path / "stale"
         stale_dir.mkdir()
         stale = (files[0], stale_dir / "tls.crt", stale_dir / "tls.key")
@@ -216,29 +217,44 @@ async def test_a_rotated_client_certificate_is_used_at_the_next_reconnect(
         shutil.copy(files[2], stale[2])
         stale_client = store.client(server.endpoint, tls=tls(stale))
         try:
-            await store.list_sets(client, SCHEME)
-            await store.list_sets(stale_client, SCHEME)
-
-            # The CA that signs client certificates is replaced: new files at the same paths
-            # (as a Secret update swaps them), and etcd trusts only the new CA from its restart.
-            new_ca = testenv.CertificateAuthority(tmp_path / "ca2", "ca2")
-            server.client_files(PROXY, new_ca)
-            server.root = server.client_files("root", new_ca)
-            server.trusted_ca_file.write_bytes(new_ca.cert.read_bytes())
-            await asyncio.to_thread(server.restart)
-
-            # The same client object reconnects with the new certificate ...
-            await eventually(
-                lambda: store.list_sets(client, SCHEME),
-                lambda listed: True,
-                what="a list with the rotated certificate",
-            )
-            # ... while the old certificate is refused now.
-            with pytest.raises(EtcdUnavailableError):
+            async with running_proxy(
+                server.endpoint, SCHEME, proxy_id="p-rotated", etcd_tls=tls(files)
+            ) as proxy:
+                await store.list_sets(client, SCHEME)
                 await store.list_sets(stale_client, SCHEME)
+
+                # The CA that signs client certificates is replaced: new files at the same
+                # paths (as a Secret update swaps them), and etcd, restarted, trusts only it.
+                new_ca = testenv.CertificateAuthority(tmp_path / "ca2", "ca2")
+                for user in (PROXY, CONTROLLER):
+                    server.client_files(user, new_ca)
+                server.root = server.client_files("root", new_ca)
+                server.trusted_ca_file.write_bytes(new_ca.cert.read_bytes())
+                await asyncio.to_thread(server.restart)
+
+                # The same client objects reconnect with the new certificates ...
+                await eventually(
+                    lambda: store.list_sets(client, SCHEME),
+                    lambda listed: True,
+                    what="a list with the rotated certificate",
+                )
+                later = await eventually(
+                    lambda: store.put_set(controller, SCHEME, backend_set("rotated")),
+                    lambda revision: True,
+                    what="a write with the controller's rotated certificate",
+                )
+                # ... the running proxy too: its watch, broken by the restart, resumes.
+                await eventually(
+                    lambda: _applied(proxy),
+                    lambda applied: applied >= later,
+                    what=f"the proxy applied revision {later}",
+                )
+                # ... while the old certificate is refused now.
+                with pytest.raises(EtcdUnavailableError):
+                    await store.list_sets(stale_client, SCHEME)
         finally:
-            await store.close(client)
-            await store.close(stale_client)
+            for c in (client, controller, stale_client):
+                await store.close(c)
     finally:
         server.stop()
 
