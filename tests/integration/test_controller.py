@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import aetcd
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from devtools import testenv
 from tests.integration import kubeobjects as ko
@@ -313,3 +319,54 @@ async def test_deleted_or_opted_out_service_loses_its_key_and_stale_keys_go_at_s
         await eventually(
             keys, lambda k: k == set(), what="keys of deleted and opted-out Services removed"
         )
+
+
+async def test_controller_process_serves_health_alone_on_its_health_port_and_reflection_on_admin(
+    apiserver: testenv.KubeAPIServer, etcd_server: testenv.Etcd, scheme: KeyScheme, tmp_path: Path
+) -> None:
+    """What the chart's probes and a port-forward reach: grpc.health.v1 on --health-listen
+    (SERVING once synced), nothing else there; reflection (and health) on --admin-listen."""
+    admin, health = testenv.free_port(), testenv.free_port()
+    with (tmp_path / "controller.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controlplane.main",
+                *("--kubeconfig", str(apiserver.kubeconfig), "--etcd", etcd_server.endpoint),
+                *("--prefix", scheme.prefix, "--metrics-listen", "127.0.0.1:0"),
+                *("--admin-listen", f"127.0.0.1:{admin}", "--health-listen", f"127.0.0.1:{health}"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health}") as probe:
+
+            async def status() -> int | None:
+                try:
+                    reply = await health_pb2_grpc.HealthStub(probe).Check(
+                        health_pb2.HealthCheckRequest(), timeout=2
+                    )
+                except grpc.aio.AioRpcError:
+                    return None
+                return int(reply.status)
+
+            await eventually(
+                status, lambda s: s == health_pb2.HealthCheckResponse.SERVING, timeout=30
+            )
+            reflect = probe.unary_unary(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await reflect(b"", timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{admin}") as ch:
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            names = {s.name async for r in refl for s in r.list_services_response.service}
+            assert "grpc.health.v1.Health" in names
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
