@@ -406,6 +406,10 @@ async def test_chart_installs_and_the_controller_works_with_exactly_its_rbac(
     )
     assert out.returncode == 0, out.stderr
     assert "kubectl annotate service" in out.stdout  # NOTES.txt tells the user what to do next
+    # Admin is reached in a pod (it listens on loopback), the client port through the Service.
+    assert f"port-forward deploy/{release}-weighbridge-proxy 9501" in out.stdout
+    assert f"port-forward svc/{release}-weighbridge-proxy 8080:8080" in out.stdout
+    assert "-weighbridge-proxy 9501:9501" not in out.stdout
     sa = f"{release}-weighbridge-controller"
     deployment = await k8s.kube.request(
         "GET", f"/apis/apps/v1/namespaces/{k8s.ns}/deployments/{sa}"

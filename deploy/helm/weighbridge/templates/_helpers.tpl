@@ -103,17 +103,23 @@ weighbridge-controller, weighbridge-proxy, root); external: the one etcd.externa
 {{- end }}
 {{- end }}
 
-{{/* weighbridge.etcdTLSArgs: the etcd client TLS flags, for files the weighbridge.etcdTLSVolume is
-mounted with (a directory: a Secret mounted under subPath never sees its updates). */}}
-{{- define "weighbridge.etcdTLSArgs" -}}
-- --etcd-cacert=/etc/weighbridge/etcd/ca.crt
-- --etcd-cert=/etc/weighbridge/etcd/tls.crt
-- --etcd-key=/etc/weighbridge/etcd/tls.key
+{{/* weighbridge.etcdTLSDir: where the etcd client Secret is mounted, as a directory (a Secret
+mounted under subPath never sees its updates). */}}
+{{- define "weighbridge.etcdTLSDir" -}}
+/etc/weighbridge/etcd
 {{- end }}
 
-{{/* weighbridge.etcdTLSMount: the volumeMount for weighbridge.etcdTLSArgs' files. */}}
+{{/* weighbridge.etcdTLSArgs: the etcd client TLS flags, for the files in weighbridge.etcdTLSDir. */}}
+{{- define "weighbridge.etcdTLSArgs" -}}
+{{- $dir := include "weighbridge.etcdTLSDir" . -}}
+- --etcd-cacert={{ $dir }}/ca.crt
+- --etcd-cert={{ $dir }}/tls.crt
+- --etcd-key={{ $dir }}/tls.key
+{{- end }}
+
+{{/* weighbridge.etcdTLSMount: the volumeMount of weighbridge.etcdTLSVolume at weighbridge.etcdTLSDir. */}}
 {{- define "weighbridge.etcdTLSMount" -}}
-- {name: etcd-tls, mountPath: /etc/weighbridge/etcd, readOnly: true}
+- {name: etcd-tls, mountPath: {{ include "weighbridge.etcdTLSDir" . }}, readOnly: true}
 {{- end }}
 
 {{/* weighbridge.etcdTLSVolume: the etcd client Secret as a volume; same argument as
