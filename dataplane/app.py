@@ -101,6 +101,10 @@ class Proxy:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.subscription.run(), name="subscription"))
         self._events = loop.create_task(follow_engine_events(self.engine), name="engine-events")
+        if self.settings.backend_tls_files():
+            self._tasks.append(
+                loop.create_task(self._follow_backend_tls_files(), name="backend-tls-files")
+            )
         self._tasks.append(self._events)
         if self.settings.publish_status:
             status = StatusPublisher(
@@ -155,6 +159,19 @@ class Proxy:
         self.health_port = server.add_insecure_port(listen)
         await server.start()
         self._health_server = server
+
+    async def _follow_backend_tls_files(self) -> None:
+        """Mounted Secrets change by a symlink swap: read the backend TLS files now and then,
+        and when they changed, apply again the sets that use them (their endpoints get new
+        connections with the new files; calls in flight finish on the old ones)."""
+        seen = await asyncio.to_thread(self.settings.backend_tls_fingerprint)
+        while True:
+            await asyncio.sleep(self.settings.tls_reload_interval_s)
+            now = await asyncio.to_thread(self.settings.backend_tls_fingerprint)
+            if now != seen:
+                seen = now
+                again = self.routes.reapply_backend_tls()
+                log.info("backend_tls_files_changed", services_reapplied=again)
 
     async def _mark_serving(self) -> None:
         await self.subscription.listed.wait()

@@ -94,6 +94,17 @@ class Routes:
         if old_names != new_names:  # O(Services), so only when the names change
             self._rebuild_grpc_services()
 
+    def reapply_backend_tls(self) -> int:
+        """Applies again every set with backend TLS (its files changed); how many."""
+        again = [
+            (key, state)
+            for key, state in self.services.items()
+            if "backend-tls" in state.backend_set.options
+        ]
+        for key, state in again:
+            self.apply(key, state.backend_set, state.mod_revision)
+        return len(again)
+
     def _rebuild_grpc_services(self) -> None:
         table: dict[str, ServiceKey] = {}
         for key in sorted(self.services):

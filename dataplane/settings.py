@@ -156,6 +156,26 @@ class ProxySettings:
             cert, key_file = self.backend_client_cert, self.backend_client_key
         return server_name, ca, cert, key_file
 
+    def backend_tls_files(self) -> list[Path]:
+        """The backend TLS files this proxy was given, and the named CA bundles found now in
+        ``backend_ca_dir`` (listed too, so that a bundle mounted later counts as a change)."""
+        given = (self.backend_ca, self.backend_client_cert, self.backend_client_key)
+        files = [Path(f) for f in given if f]
+        if self.backend_ca_dir:
+            files.append(Path(self.backend_ca_dir))
+            files += sorted(Path(self.backend_ca_dir).glob("*/ca.crt"))
+        return files
+
+    def backend_tls_fingerprint(self) -> tuple[tuple[str, bytes | None], ...]:
+        """What the backend TLS files hold now (None for one that cannot be read); blocking."""
+        out: list[tuple[str, bytes | None]] = []
+        for path in self.backend_tls_files():
+            try:
+                out.append((str(path), path.read_bytes() if path.is_file() else None))
+            except OSError:
+                out.append((str(path), None))
+        return tuple(out)
+
     @property
     def engine_tls(self) -> tuple[str, str, str, list[str], bool, float] | None:
         """The engine's ``tls`` argument, None without TLS."""

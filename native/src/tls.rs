@@ -240,6 +240,16 @@ impl ClientTls {
         use tokio_rustls::rustls::pki_types::ServerName;
         use tokio_rustls::rustls::ClientConfig;
         let ca_path = PathBuf::from(&ca);
+        // What the files hold now is part of the key: rotated files make a new configuration,
+        // so endpoints get new connections with them while calls finish on the old ones.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for path in [&ca, &cert, &key].into_iter().filter(|p| !p.is_empty()) {
+            std::hash::Hash::hash(
+                &read("a backend TLS file", &PathBuf::from(path))?,
+                &mut hasher,
+            );
+        }
+        let contents = std::hash::Hasher::finish(&hasher);
         let mut roots = RootCertStore::empty();
         for c in certificates("the backend CA", &ca_path)? {
             roots
@@ -269,7 +279,7 @@ impl ClientTls {
         Ok(ClientTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name: name,
-            key: format!("tls:{server_name}|{ca}|{cert}|{key}"),
+            key: format!("tls:{server_name}|{ca}|{cert}|{key}|{contents:016x}"),
         })
     }
 }

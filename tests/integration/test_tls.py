@@ -272,3 +272,40 @@ async def test_tls_only_backends_reached_by_a_services_annotation(
             assert b.calls == calls
     finally:
         await b.stop(0)
+
+
+async def test_rotated_backend_tls_files_are_used_without_a_restart(
+    etcd: aetcd.Client,
+    scheme: KeyScheme,
+    etcd_server: testenv.Etcd,
+    pki: Pki,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The proxy trusts the wrong CA, then its mounted CA file is replaced by the right one:
+    calls get through without the set being written again or the proxy restarting."""
+    cert, key = pki.issue("backend-rot", "backend", "DNS:echo.default.svc")
+    stranger = Pki(tmp_path_factory.mktemp("other-pki"))
+    trusted = tmp_path_factory.mktemp("trust") / "ca.crt"
+    shutil.copy(stranger.ca, trusted)
+    b = EchoBackend(
+        "secure", tls=grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    )
+    await b.start()
+    try:
+        async with running_proxy(
+            etcd_server.endpoint, scheme, backend_ca=str(trusted), tls_reload_interval_s=0.1
+        ) as proxy:
+            on = {"backend-tls": canonical_option("backend-tls", "on")}
+            await applied(proxy, await put(etcd, scheme, "round_robin", [b], options=on))
+            async with channel(proxy) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await ch.unary_unary("/test.Echo/Unary")(b"", timeout=5)
+                assert "TLS" in (info.value.details() or ""), info.value
+                shutil.copy(pki.ca, trusted)
+
+                async def answered() -> str:
+                    return await who(ch)
+
+                await eventually(answered, lambda w: w == "secure", what="the right CA used")
+    finally:
+        await b.stop(0)
