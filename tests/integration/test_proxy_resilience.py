@@ -219,35 +219,50 @@ class BlackHole:
         self.swallow = False
         self.server: asyncio.Server | None = None
         self.port = 0
-        self.writers: list[asyncio.StreamWriter] = []
+        self.stopped = False
+        self.handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self.writers += [writer, up_writer]
+        # Every socket this opens is closed here, whatever ends the connection: stop() cancels
+        # the handlers, and a socket left to the garbage collector would surface as a
+        # ResourceWarning in whichever later test happens to collect it.
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            if self.stopped:
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    if not self.swallow:
-                        dst.write(data)
-                        await dst.drain()
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(OSError):
+                    while data := await src.read(65536):
+                        if not self.swallow:
+                            dst.write(data)
+                            await dst.drain()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        for w in (writer, up_writer):
-            w.close()
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self.handlers.discard(task)
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.close()
+                    with contextlib.suppress(OSError, asyncio.CancelledError):
+                        await w.wait_closed()
 
     async def stop(self) -> None:
+        self.stopped = True
         if self.server is not None:
             self.server.close()
-        for w in self.writers:
-            w.close()
-        for w in self.writers:
-            with contextlib.suppress(OSError):
-                await w.wait_closed()
+        for task in list(self.handlers):
+            task.cancel()
+        if self.handlers:
+            await asyncio.wait(list(self.handlers), timeout=5)
         if self.server is not None:
             await self.server.wait_closed()
 
