@@ -26,6 +26,7 @@ from controlplane.reconciling import Controller
 from controlplane.settings import DEFAULTS, ControllerSettings, Source
 from weighbridge import etcd as store
 from weighbridge.cli import add_etcd_arguments, add_log_arguments, etcd_tls, split_hostport
+from weighbridge.errors import EtcdCredentialsError
 from weighbridge.keys import KeyScheme
 from weighbridge.logs import configure
 
@@ -199,7 +200,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = settings_of(args)
-    except ValueError as exc:
+        tls = etcd_tls(args)
+        if tls is not None:
+            tls.read()  # a missing or unreadable file is a usage error, not a traceback
+    except (ValueError, EtcdCredentialsError) as exc:
         parser.error(str(exc))
     configure(level=args.log_level, fmt=args.log_format)
     with contextlib.suppress(KeyboardInterrupt):

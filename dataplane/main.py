@@ -17,6 +17,7 @@ from dataplane.app import Proxy
 from dataplane.settings import DEFAULTS, ProxySettings, available_cpus
 from weighbridge import etcd as store
 from weighbridge.cli import add_etcd_arguments, add_log_arguments, etcd_tls
+from weighbridge.errors import EtcdCredentialsError
 from weighbridge.keys import KeyScheme
 from weighbridge.logs import configure
 
@@ -227,7 +228,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings_of(args)
-    except ValueError as exc:
+        tls = etcd_tls(args)
+        if tls is not None:
+            tls.read()  # a missing or unreadable file is a usage error, not a traceback
+    except (ValueError, EtcdCredentialsError) as exc:
         parser.error(str(exc))
     configure(level=args.log_level, fmt=args.log_format)
     with contextlib.suppress(KeyboardInterrupt):
