@@ -13,6 +13,19 @@ connections to every proxy):
     nginx           nginx grpc_pass (Debian package), a worker per core
     haproxy         HAProxy, proto h2 (Debian package), a thread per core
 
+and with --tls, the same proxies terminating TLS on their client port (backends stay
+plaintext), all with one ECDSA P-256 certificate made by the openssl CLI in the run's
+temporary directory, TLS 1.3 only, TLS_AES_128_GCM_SHA256 and X25519 where the proxy lets one
+choose, ALPN h2, the load generator's 8 connections reused for the whole run:
+
+    weighbridge-1t-tls  weighbridge-proxy --threads 1 --tls-cert … --tls-key …
+    nginx-tls           listen … ssl http2, grpc_pass grpc://
+    haproxy-tls         bind … ssl crt … alpn h2, proto h2 to the servers
+
+What each TLS target negotiated is reported twice: with the load generator (grpc-go, TLS 1.3
+and X25519 only; Go chooses the TLS 1.3 suite itself) and with `openssl s_client -alpn h2`
+offering OpenSSL's defaults, which shows the suite a proxy prefers when offered a choice.
+
 Rounds are interleaved (every target once per round) and each figure is the median over
 rounds: CPU µs per request of the proxy's processes (/proc utime+stime over the throughput
 run), throughput at fixed concurrency, latency p50/p99 at a fixed rate (half of HAProxy's
@@ -25,7 +38,7 @@ both cached outside the checkout in ~/.cache/weighbridge/baseline/<commit>/ (src
 and target/ for cargo), and adds REV's proxy as target before-1. Everything runs on
 loopback and stops by itself.
 
-    bench/run [--quick | --rounds N --seconds S] [--baseline REV] [--targets A,B,…]
+    bench/run [--quick | --rounds N --seconds S] [--baseline REV] [--tls] [--targets A,B,…]
               [--json PATH] [--markdown PATH] [--png PATH]
 """
 
@@ -52,9 +65,11 @@ from bench.launch import (
     AUTHORITY,
     Baseline,
     ProxySpec,
+    TLSFiles,
     build_go,
     git,
     haproxy_config,
+    make_tls,
     nginx_config,
     prepare_baseline,
     put_set,
@@ -73,8 +88,11 @@ CONNECTIONS = 8
 for every thread or worker of a proxy to get some, since the kernel hands each accepted
 connection to one of them and a connection stays where it landed."""
 
-OTHERS = frozenset({"direct", "nginx", "haproxy"})
+OTHERS = frozenset({"direct", "nginx", "haproxy", "nginx-tls", "haproxy-tls"})
 """The targets that are not Weighbridge."""
+
+TLS_TARGETS = frozenset({"weighbridge-1t-tls", "nginx-tls", "haproxy-tls"})
+"""The targets that terminate TLS (--tls); each is its h2c namesake with "-tls" appended."""
 
 
 @dataclass
@@ -87,16 +105,21 @@ class Target:
     threads: list[dict[str, float]] = field(default_factory=list)  # per round, per thread
     rss_before: float = 0.0
     rss_after: float = 0.0
+    tls: TLSFiles | None = None  # the target serves TLS with this certificate
+    negotiated: list[str] = field(default_factory=list)  # the load generator's TLS states
+    s_client: str = ""  # what openssl s_client negotiated
 
     def pids(self) -> list[int]:
         return tree(self.proc.pid) if self.proc else []
 
 
-def weighbridge_specs(baseline: Baseline | None) -> list[ProxySpec]:
+def weighbridge_specs(baseline: Baseline | None, tls: TLSFiles | None = None) -> list[ProxySpec]:
     specs = [
         ProxySpec("weighbridge-1t", ["--threads", "1"]),
         ProxySpec("weighbridge-2t", ["--threads", "2"]),
     ]
+    if tls is not None:
+        specs.append(ProxySpec("weighbridge-1t-tls", ["--threads", "1"], tls=tls))
     if baseline is not None:
         threads = "--threads" in (baseline.src / "dataplane" / "main.py").read_text()
         specs.append(
@@ -119,10 +142,14 @@ class Env:
 
 @contextlib.contextmanager
 def environment(
-    work: Path, bins: Path, specs: list[ProxySpec], others: AbstractSet[str] = OTHERS
+    work: Path,
+    bins: Path,
+    specs: list[ProxySpec],
+    others: AbstractSet[str] = OTHERS,
+    tls: TLSFiles | None = None,
 ) -> Iterator[Env]:
-    """etcd, two echo backends, a proxy per spec, and those of direct, nginx, HAProxy named
-    in ``others``."""
+    """etcd, two echo backends, a proxy per spec, and those of direct, nginx, HAProxy (and,
+    with ``tls``, nginx-tls and haproxy-tls) named in ``others``; h2c targets first."""
     procs: list[subprocess.Popen[bytes]] = []
     etcd = testenv.Etcd(work)
     etcd.start()
@@ -142,15 +169,23 @@ def environment(
         for spec in specs:
             port, metrics = testenv.free_port(), testenv.free_port()
             proc = start_weighbridge(spec, etcd.endpoint, port, metrics, log)
-            targets.append(Target(spec.name, port, proc, metrics_port=metrics))
-        if "nginx" in others and shutil.which("nginx"):
-            port = testenv.free_port()
-            conf = nginx_config(work, port, backends)
-            targets.append(Target("nginx", port, start_nginx(work, conf, log)))
-        if "haproxy" in others and shutil.which("haproxy"):
-            port = testenv.free_port()
-            conf = haproxy_config(work, port, backends)
-            targets.append(Target("haproxy", port, start_haproxy(conf, log)))
+            targets.append(Target(spec.name, port, proc, metrics_port=metrics, tls=spec.tls))
+        for files in (None, tls) if tls else (None,):
+            suffix = "-tls" if files else ""
+            # Each in a directory of its own: nginx and nginx-tls must not share a pid file.
+            name, home = f"nginx{suffix}", work / f"nginx{suffix}"
+            if name in others and shutil.which("nginx"):
+                port = testenv.free_port()
+                home.mkdir(exist_ok=True)
+                conf = nginx_config(home, port, backends, tls=files)
+                targets.append(Target(name, port, start_nginx(home, conf, log), tls=files))
+            name, home = f"haproxy{suffix}", work / f"haproxy{suffix}"
+            if name in others and shutil.which("haproxy"):
+                port = testenv.free_port()
+                home.mkdir(exist_ok=True)
+                conf = haproxy_config(home, port, backends, tls=files)
+                targets.append(Target(name, port, start_haproxy(conf, log), tls=files))
+        targets.sort(key=lambda t: t.tls is not None)
         procs += [t.proc for t in targets if t.proc]
         time.sleep(3)
         for t in targets:
@@ -176,6 +211,7 @@ def loadgen(
         per_target = max(connections // len(backends), 1)
     else:
         targets, per_target = f"127.0.0.1:{target.port}", connections
+    tls = target.tls
     args = [
         str(bins / "loadgen"),
         "-targets",
@@ -186,13 +222,18 @@ def loadgen(
         f"{seconds}s",
         "-connections",
         str(per_target),
+        *(["-tls-ca", str(tls.ca), "-tls-server-name", tls.server_name] if tls else []),
     ]
     for k, v in mode.items():
         args += [f"-{k}", str(v)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen against {target.name} failed: {out.stderr.strip()}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result: dict[str, float] = json.loads(out.stdout)
+    raw = json.loads(out.stdout)
+    target.negotiated = raw.pop("tls", None) or []
+    result: dict[str, float] = raw
     result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return result
 
@@ -277,25 +318,77 @@ LIGHT_RATE = 1000
 """req/s of the second latency run."""
 
 
+def selection(
+    work: Path, baseline: Baseline | None, only: AbstractSet[str] | None, tls: bool
+) -> tuple[list[ProxySpec], set[str], TLSFiles | None]:
+    """The Weighbridge proxies and the other targets to run: ``only`` those (default: every
+    h2c target), and with ``tls`` the TLS targets too; their certificate is made in ``work``."""
+
+    def chosen(name: str) -> bool:
+        if only is not None and name in only:
+            return True
+        return tls if name in TLS_TARGETS else only is None
+
+    files = make_tls(work / "tls") if any(map(chosen, TLS_TARGETS)) else None
+    specs = [s for s in weighbridge_specs(baseline, files) if chosen(s.name)]
+    return specs, set(filter(chosen, OTHERS)), files
+
+
+def s_client(target: Target) -> str:
+    """What ``openssl s_client -alpn h2`` negotiates with a TLS target when it offers
+    OpenSSL's defaults (TLS 1.2 and 1.3, all three TLS 1.3 suites with AES-256 first, X25519
+    first): version, suite, key exchange, ALPN, the server's signature, verification."""
+    assert target.tls is not None
+    out = subprocess.run(
+        [
+            *("openssl", "s_client", "-connect", f"127.0.0.1:{target.port}", "-alpn", "h2"),
+            *("-servername", target.tls.server_name, "-CAfile", str(target.tls.ca)),
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        errors="replace",  # it prints what the server sends: HTTP/2 frames
+        timeout=30,
+    ).stdout
+    found = []
+    for pattern in (
+        r"^New, (\S+), Cipher is (\S+)",
+        r"^Server Temp Key: ([^,\n]+)",
+        r"^(ALPN protocol: \S+|No ALPN negotiated)",
+        r"^Peer signature type: (\S+)",
+        r"^Server public key is (\d+) bit",
+        r"^\s*Verify return code: (\d+ \([^)]*\))",
+    ):
+        m = re.search(pattern, out, re.M)
+        found.append(" ".join(m.groups()) if m else "?")
+    version_suite, group, alpn, signature, bits, verify = found
+    return (
+        f"{version_suite} {group} {alpn.replace('ALPN protocol: ', 'alpn=')} "
+        f"key={signature}-{bits} verify={verify}"
+    )
+
+
 def measure(
     rounds: int,
     seconds: float,
     baseline: Baseline | None,
     only: set[str] | None = None,
     concurrency: int = 64,
+    *,
+    tls: bool = False,
 ) -> dict[str, dict[str, object]]:
     bins = build_go()
-    specs = [s for s in weighbridge_specs(baseline) if only is None or s.name in only]
-    others = OTHERS if only is None else OTHERS & only
     with (
         tempfile.TemporaryDirectory(prefix="wb-compare-") as tmp,
-        environment(Path(tmp), bins, specs, others) as env,
+        environment(Path(tmp), bins, *selection(Path(tmp), baseline, only, tls)) as env,
     ):
         targets, backends = env.targets, env.backends
         backend_pids = [p.pid for p in env.backend_procs]
         for t in targets:
             loadgen(bins, t, backends, 1.0, concurrency=8)  # warm up connections and caches
             t.rss_before = rss_mb(t.pids())
+            if t.tls is not None:
+                t.s_client = s_client(t)
         rate = 0.0
         for r in range(rounds):
             for t in targets:
@@ -319,7 +412,8 @@ def measure(
                 )
             if r == 0:  # the fixed rate: half of HAProxy's throughput (else the best proxy's)
                 by_name = {t.name: t.runs[0]["rps"] for t in targets if t.port is not None}
-                rate = by_name.get("haproxy", max(by_name.values())) / 2
+                rate = by_name.get("haproxy", by_name.get("haproxy-tls", max(by_name.values())))
+                rate /= 2
             for t in targets:
                 lat = loadgen(bins, t, backends, seconds, rate=round(rate))
                 t.runs[-1].update(
@@ -358,6 +452,9 @@ def measure(
             med[f"{k}_by_round"] = [round(run[k], 1) for run in t.runs]
         if t.threads:
             med["threads_by_round"] = t.threads
+        if t.tls is not None:
+            med["tls_loadgen"] = "; ".join(t.negotiated)
+            med["tls_s_client"] = t.s_client
         if t.port is None:
             med["cpu_us_per_request"] = 0.0  # no proxy process
         results[t.name] = med
@@ -368,16 +465,25 @@ def ratios(results: dict[str, dict[str, object]]) -> dict[str, dict[str, float]]
     out: dict[str, dict[str, float]] = {}
     for name, r in results.items():
         row: dict[str, float] = {}
-        for other in ("haproxy", "direct", "before-1", "weighbridge-1t"):
+        h2c = name.removesuffix("-tls") if name in TLS_TARGETS else ""
+        for other, label in (
+            *((o, o) for o in ("haproxy", "haproxy-tls", "direct", "before-1", "weighbridge-1t")),
+            (h2c, "h2c"),  # a TLS target against the same proxy without TLS
+        ):
             o = results.get(other)
             if o is None or other == name:
                 continue
             for key in ("cpu_us_per_request", "rps", "p50_us", "p99_us"):
                 a, b = r[key], o[key]
                 if isinstance(a, float | int) and isinstance(b, float | int) and b:
-                    row[f"{key}_vs_{other}"] = round(a / b, 2)
+                    row[f"{key}_vs_{label}"] = round(a / b, 2)
         out[name] = row
     return out
+
+
+def haproxy_of(name: str) -> str:
+    """The HAProxy a target is compared with: haproxy-tls for a TLS target."""
+    return "haproxy-tls" if name in TLS_TARGETS else "haproxy"
 
 
 def _f(r: dict[str, object], key: str) -> float:
@@ -388,23 +494,27 @@ def _f(r: dict[str, object], key: str) -> float:
 def markdown(results: dict[str, dict[str, object]]) -> str:
     rel = ratios(results)
     before = "before-1" in results
+    tls = [n for n in results if n in TLS_TARGETS]
     lines = [
         "| target | CPU µs/req | x HAProxy "
         + ("| x before-1 " if before else "")
+        + ("| x h2c " if tls else "")
         + "| req/s (c=64) | x HAProxy | x direct | p50 µs | p99 µs "
         "| p50 added over direct µs | p50 / p99 µs at 1k req/s | RSS MB before → after |",
-        "|" + "---|" * (12 if before else 11),
+        "|" + "---|" * (11 + before + bool(tls)),
     ]
     d = results.get("direct", {})
     for name, r in results.items():
         x = rel[name]
         proxy = bool(r.get("cpu_us_per_request"))
-        cpu_x = x.get("cpu_us_per_request_vs_haproxy", "-") if proxy else "-"
+        ha = haproxy_of(name)
+        cpu_x = x.get(f"cpu_us_per_request_vs_{ha}", "-") if proxy else "-"
         cpu_b = x.get("cpu_us_per_request_vs_before-1", "-") if proxy else "-"
         lines.append(
             f"| {name} | {_f(r, 'cpu_us_per_request'):.1f} | {cpu_x} "
             + (f"| {cpu_b} " if before else "")
-            + f"| {_f(r, 'rps'):.0f} | {x.get('rps_vs_haproxy', '-')} "
+            + (f"| {x.get('cpu_us_per_request_vs_h2c', '-')} " if tls else "")
+            + f"| {_f(r, 'rps'):.0f} | {x.get(f'rps_vs_{ha}', '-')} "
             f"| {x.get('rps_vs_direct', '-')} "
             f"| {_f(r, 'p50_us'):.0f} | {_f(r, 'p99_us'):.0f} "
             f"| {_f(r, 'p50_us') - _f(d, 'p50_us'):.0f} "
@@ -416,6 +526,12 @@ def markdown(results: dict[str, dict[str, object]]) -> str:
         f"\nLatency at {_f(first, 'rate'):.0f} req/s (half of HAProxy's throughput) and at "
         f"{LIGHT_RATE} req/s; medians of {first['rounds']} interleaved rounds of "
         f"{first['seconds_per_run']} s, {CONNECTIONS} client connections."
+        + (
+            " A -tls target's x HAProxy is against haproxy-tls; x h2c is its CPU per call "
+            "against the same proxy's without TLS."
+            if tls
+            else ""
+        )
     )
     lines += [
         "",
@@ -439,6 +555,26 @@ def markdown(results: dict[str, dict[str, object]]) -> str:
             f"| {_f(r, 'cores_other'):.2f} | {_f(r, 'cores_steal'):.2f} "
             f"| {_f(r, 'cores_idle'):.2f} | {split} |"
         )
+    if tls:
+        lines += [
+            "",
+            "What each TLS target negotiated (version, suite, key exchange, ALPN, server key):",
+            "",
+            "| target | load generator (grpc-go; TLS 1.3, X25519 only) "
+            "| openssl s_client -alpn h2 (OpenSSL's default offer) |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {n} | {results[n].get('tls_loadgen') or '?'} | {results[n].get('tls_s_client')} |"
+            for n in tls
+        ]
+        cpu = rel.get("weighbridge-1t-tls", {}).get("cpu_us_per_request_vs_haproxy-tls")
+        if cpu is not None:
+            h2c = rel.get("weighbridge-1t", {}).get("cpu_us_per_request_vs_haproxy", "-")
+            lines.append(
+                f"\nCPU per call, weighbridge-1t-tls / haproxy-tls: **{cpu}x** "
+                f"(over h2c in the same run, weighbridge-1t / haproxy: {h2c}x)."
+            )
     return "\n".join(lines)
 
 
@@ -509,7 +645,12 @@ def main() -> None:
     p.add_argument(
         "--targets",
         type=lambda s: set(s.split(",")),
-        help="only these targets, comma-separated (default: all of them)",
+        help="only these targets, comma-separated (default: all of the h2c ones)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run the TLS targets: " + ", ".join(sorted(TLS_TARGETS)),
     )
     p.add_argument("--json", type=Path, help="write {targets: {NAME: figures}, ratios: …} here")
     p.add_argument("--markdown", type=Path, help="write the Markdown tables here")
@@ -520,7 +661,7 @@ def main() -> None:
     baseline = prepare_baseline(args.baseline) if args.baseline else None
     load0 = os.getloadavg()
     started = time.time()
-    results = measure(rounds, seconds, baseline, args.targets)
+    results = measure(rounds, seconds, baseline, args.targets, tls=args.tls)
     table = markdown(results)
     print(table)
     if args.json:

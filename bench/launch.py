@@ -4,8 +4,10 @@ The Go tools (bench/go: the echo backend and the load generator) are built once 
 outside the checkout; a backend set goes to a real etcd as the controller would write it; a
 Weighbridge proxy runs as ``python -m dataplane.main`` of a given tree; nginx (``grpc_pass``)
 and HAProxy (``proto h2``) run from their Debian packages (bench/install-proxies) with the base
-configuration below, to which a benchmark adds its own lines. :func:`stop` ends what was
-started, bounded in time.
+configuration below, to which a benchmark adds its own lines. With :class:`TLSFiles` (made by
+:func:`make_tls`) each of the three terminates TLS on its client port instead, configured
+alike: TLS 1.3 only, TLS_AES_128_GCM_SHA256, X25519, ALPN h2, an ECDSA P-256 certificate
+(backends stay plaintext). :func:`stop` ends what was started, bounded in time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,37 @@ ROOT = testenv.ROOT
 AUTHORITY = "echo.default"
 """The :authority clients send: Service ``echo`` in namespace ``default``."""
 PREFIX = "/bench/"
+
+TLS_VERSION = "TLSv1.3"
+TLS_SUITE = "TLS_AES_128_GCM_SHA256"
+"""The one TLS 1.3 suite nginx and HAProxy accept. Weighbridge (rustls) cannot be told which
+suites to offer and follows the client's order, which for grpc-go on a CPU with AES
+instructions puts this one first; the benchmark reports what each connection negotiated."""
+TLS_GROUP = "X25519"
+"""Key exchange: the proxies' OpenSSL and rustls (ring) both have it, and grpc-go would otherwise
+lead with X25519MLKEM768, which neither OpenSSL 3.0 nor ring has."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A CA and the ECDSA P-256 server certificate it issued (SAN 127.0.0.1 and
+    ``server_name``), as PEM files; ``pem`` holds certificate and key together (HAProxy)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    pem: Path
+    server_name: str = "localhost"
+
+
+def make_tls(work: Path) -> TLSFiles:
+    """A throwaway CA and server certificate made by the openssl CLI in ``work``."""
+    ca = testenv.CertificateAuthority(work, "bench-ca")
+    cert, key = work / "server.crt", work / "server.key"
+    ca.issue("weighbridge-bench", cert, key, server=True)
+    pem = work / "server.pem"
+    pem.write_bytes(cert.read_bytes() + key.read_bytes())
+    return TLSFiles(ca.cert, cert, key, pem)
 
 
 def cache_dir() -> Path:
@@ -128,6 +161,8 @@ class ProxySpec:
     python: Path = Path(sys.executable)
     cwd: Path = ROOT
     env: dict[str, str] = field(default_factory=dict)
+    tls: TLSFiles | None = None
+    """Serve TLS on the client port with this certificate (--tls-cert/--tls-key)."""
 
 
 def start_weighbridge(
@@ -140,6 +175,7 @@ def start_weighbridge(
     # proxies started side by side never contend for it; older revisions have no such flag.
     main = (spec.cwd / "dataplane" / "main.py").read_text()
     health = ["--health-listen", "127.0.0.1:0"] if "--health-listen" in main else []
+    tls = ["--tls-cert", str(spec.tls.cert), "--tls-key", str(spec.tls.key)] if spec.tls else []
     return subprocess.Popen(
         [
             str(spec.python),
@@ -149,6 +185,7 @@ def start_weighbridge(
             *("--listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0"),
             *("--metrics-listen", f"127.0.0.1:{metrics}", "--id", spec.name),
             *health,
+            *tls,
             *("--log-level", "warning", "--log-format", "json"),
             *spec.flags,
         ],
@@ -160,13 +197,28 @@ def start_weighbridge(
 
 
 def nginx_config(
-    work: Path, port: int, backends: list[int], *, server: str = "", location: str = ""
+    work: Path,
+    port: int,
+    backends: list[int],
+    *,
+    server: str = "",
+    location: str = "",
+    tls: TLSFiles | None = None,
 ) -> Path:
     """nginx with a worker per core, ``grpc_pass`` to ``backends`` (round robin, 64 idle
     upstream connections kept, as a proxy in front of gRPC backends would be run); ``server``
-    is appended to each upstream server line, ``location`` inside the location."""
+    is appended to each upstream server line, ``location`` inside the location; with ``tls``,
+    TLS on the client port."""
     conf = work / "nginx.conf"
     servers = "\n".join(f"    server 127.0.0.1:{b}{server};" for b in backends)
+    listen = f"listen 127.0.0.1:{port} http2;"
+    if tls:
+        listen = f"""listen 127.0.0.1:{port} ssl http2;
+    ssl_certificate {tls.cert};
+    ssl_certificate_key {tls.key};
+    ssl_protocols {TLS_VERSION};
+    ssl_conf_command Ciphersuites {TLS_SUITE};
+    ssl_ecdh_curve {TLS_GROUP};"""
     conf.write_text(f"""
 worker_processes {os.cpu_count()};
 pid {work}/nginx.pid;
@@ -181,7 +233,7 @@ http {{
     keepalive 64;
   }}
   server {{
-    listen 127.0.0.1:{port} http2;
+    {listen}
     location / {{
       grpc_pass grpc://echo;
 {location}
@@ -193,11 +245,24 @@ http {{
 
 
 def haproxy_config(
-    work: Path, port: int, backends: list[int], *, server: str = "", backend: str = ""
+    work: Path,
+    port: int,
+    backends: list[int],
+    *,
+    server: str = "",
+    backend: str = "",
+    tls: TLSFiles | None = None,
 ) -> Path:
     """HAProxy with a thread per core, HTTP/2 both ways, round robin over ``backends``;
-    ``server`` is appended to each server line, ``backend`` to the backend section."""
+    ``server`` is appended to each server line, ``backend`` to the backend section; with
+    ``tls``, TLS on the client port (HTTP/2 by ALPN)."""
     conf = work / "haproxy.cfg"
+    bind = f"bind 127.0.0.1:{port} proto h2"
+    if tls:
+        bind = (
+            f"bind 127.0.0.1:{port} ssl crt {tls.pem} alpn h2 ssl-min-ver {TLS_VERSION} "
+            f"ssl-max-ver {TLS_VERSION} ciphersuites {TLS_SUITE} curves {TLS_GROUP}"
+        )
     servers = "\n".join(
         f"  server s{i} 127.0.0.1:{b} proto h2{server}" for i, b in enumerate(backends)
     )
@@ -210,7 +275,7 @@ defaults
   timeout client 60s
   timeout server 60s
 frontend fe
-  bind 127.0.0.1:{port} proto h2
+  {bind}
   default_backend echo
 backend echo
   balance roundrobin

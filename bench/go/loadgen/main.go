@@ -7,6 +7,16 @@
 // Several targets are used round robin, one connection each (the "direct" case); -authority
 // sets :authority (how the proxies route).
 //
+// Over TLS (bench/compare.py's -tls targets):
+//
+//	loadgen -targets A -tls-ca ca.crt -tls-server-name localhost …
+//
+// trusts only that CA, verifies the server's certificate for the name given (:authority and
+// SNI stay -authority), and offers TLS 1.3 only with X25519 key exchange (Go does not let a
+// client choose TLS 1.3 cipher suites; on a CPU with AES instructions it prefers
+// TLS_AES_128_GCM_SHA256). What each connection negotiated is reported in the JSON ("tls":
+// version, suite, group, ALPN, server key).
+//
 // For the fault benchmark (bench/faults.py), with -rate:
 //
 //	loadgen -targets A -rate 1000 -duration 10s -start-at UNIX_NS -record calls.csv [-hold-stream]
@@ -21,6 +31,9 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -36,8 +49,10 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	"weighbridge.local/bench/rawcodec"
@@ -55,6 +70,8 @@ type result struct {
 	// StartUnixNs is when the measured calls began (wall clock).
 	StartUnixNs int64         `json:"start_unix_ns"`
 	Stream      *streamResult `json:"stream,omitempty"`
+	// TLS is what the connections negotiated (-tls-ca), each distinct state once.
+	TLS []string `json:"tls,omitempty"`
 }
 
 // streamResult is how the held server-streaming call (-hold-stream) went.
@@ -89,13 +106,23 @@ func main() {
 	recordPath := flag.String("record", "", "write each measured call (start, latency, code, backend) to this CSV file")
 	startAt := flag.Int64("start-at", 0, "begin measuring at this time (Unix ns); 0: after the warm-up")
 	holdStream := flag.Bool("hold-stream", false, "hold one /test.Echo/Stream call open for the whole run")
+	tlsCA := flag.String("tls-ca", "", "connect over TLS 1.3, trusting this PEM CA bundle; default plaintext h2c")
+	tlsServerName := flag.String("tls-server-name", "", "with -tls-ca: the name the server's certificate must have (default: -authority, else the target)")
 	flag.Parse()
 
+	creds := insecure.NewCredentials()
+	if *tlsCA != "" {
+		c, err := tlsCredentials(*tlsCA, *tlsServerName)
+		if err != nil {
+			log.Fatal(err)
+		}
+		creds = c
+	}
 	var clients []*grpc.ClientConn
 	for _, t := range strings.Split(*targets, ",") {
 		for i := 0; i < *conns; i++ {
 			opts := []grpc.DialOption{
-				grpc.WithTransportCredentials(insecure.NewCredentials()),
+				grpc.WithTransportCredentials(creds),
 				grpc.WithDefaultCallOptions(grpc.ForceCodec(rawcodec.Codec{})),
 			}
 			if *authority != "" {
@@ -113,13 +140,13 @@ func main() {
 	var mu sync.Mutex
 	var latencies []time.Duration
 	var records []record
-	call := func(ctx context.Context) {
+	call := func(ctx context.Context, extra ...grpc.CallOption) {
 		cc := clients[int(next.Add(1))%len(clients)]
 		var resp []byte
 		var header, trailer metadata.MD
-		var opts []grpc.CallOption
+		opts := extra
 		if *recordPath != "" {
-			opts = []grpc.CallOption{grpc.Header(&header), grpc.Trailer(&trailer)}
+			opts = append(opts, grpc.Header(&header), grpc.Trailer(&trailer))
 		}
 		start := time.Now()
 		err := cc.Invoke(ctx, "/test.Echo/Unary", payload, &resp, opts...)
@@ -143,11 +170,19 @@ func main() {
 		latencies = append(latencies, elapsed)
 		mu.Unlock()
 	}
-	// Warm up every connection before measuring (each call bounded by -call-timeout).
+	// Warm up every connection before measuring (each call bounded by -call-timeout), and
+	// note what each negotiated over TLS.
+	var negotiated []string
 	for range clients {
 		ctx, cancel := context.WithTimeout(context.Background(), *callTimeout)
-		call(ctx)
+		var p peer.Peer
+		call(ctx, grpc.Peer(&p))
 		cancel()
+		if info, ok := p.AuthInfo.(credentials.TLSInfo); ok {
+			if s := describe(info.State); !slices.Contains(negotiated, s) {
+				negotiated = append(negotiated, s)
+			}
+		}
 	}
 	requests.Store(0)
 	failures.Store(0)
@@ -209,7 +244,7 @@ func main() {
 	r := result{
 		Requests: requests.Load(), Errors: failures.Load(), Seconds: seconds,
 		RPS: float64(requests.Load()) / seconds, P50us: q(0.5), P90us: q(0.9), P99us: q(0.99), MaxUs: q(1),
-		StartUnixNs: start.UnixNano(), Stream: held,
+		StartUnixNs: start.UnixNano(), Stream: held, TLS: negotiated,
 	}
 	if *recordPath != "" {
 		if err := writeRecords(*recordPath, records); err != nil {
@@ -217,6 +252,57 @@ func main() {
 		}
 	}
 	_ = json.NewEncoder(os.Stdout).Encode(r)
+}
+
+// tlsCredentials offers TLS 1.3 only, with X25519 key exchange, trusting only the PEM CA
+// bundle at caPath. The server's certificate must name serverName when it is not empty, else
+// the authority: grpc-go refuses a tls.Config ServerName that differs from -authority, so a
+// given name is checked in VerifyConnection instead (the chain is verified there in full).
+func tlsCredentials(caPath, serverName string) (credentials.TransportCredentials, error) {
+	pem, err := os.ReadFile(caPath)
+	if err != nil {
+		return nil, err
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("-tls-ca %s: no PEM certificate in it", caPath)
+	}
+	config := &tls.Config{
+		RootCAs:          roots,
+		MinVersion:       tls.VersionTLS13,
+		MaxVersion:       tls.VersionTLS13,
+		CurvePreferences: []tls.CurveID{tls.X25519},
+	}
+	if serverName != "" {
+		config.InsecureSkipVerify = true // verified below, for serverName
+		config.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("the server sent no certificate")
+			}
+			opts := x509.VerifyOptions{DNSName: serverName, Roots: roots, Intermediates: x509.NewCertPool()}
+			for _, c := range cs.PeerCertificates[1:] {
+				opts.Intermediates.AddCert(c)
+			}
+			_, err := cs.PeerCertificates[0].Verify(opts)
+			return err
+		}
+	}
+	return credentials.NewTLS(config), nil
+}
+
+// describe is a connection's TLS state in one line: "TLS 1.3 TLS_AES_128_GCM_SHA256 X25519
+// alpn=h2 key=ECDSA-P-256".
+func describe(s tls.ConnectionState) string {
+	key := "?"
+	if len(s.PeerCertificates) > 0 {
+		cert := s.PeerCertificates[0]
+		key = cert.PublicKeyAlgorithm.String()
+		if pub, ok := cert.PublicKey.(*ecdsa.PublicKey); ok {
+			key += "-" + pub.Curve.Params().Name
+		}
+	}
+	return fmt.Sprintf("%s %s %s alpn=%s key=%s", tls.VersionName(s.Version),
+		tls.CipherSuiteName(s.CipherSuite), s.CurveID, s.NegotiatedProtocol, key)
 }
 
 // hold keeps one /test.Echo/Stream call open until ctx ends, counting its messages into out.
