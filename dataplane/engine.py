@@ -193,10 +193,10 @@ class Engine(Protocol):
         """State changes dropped from the engine's bounded queue because nobody read them."""
         ...
 
-    @property
-    def tls_failures(self) -> int:
-        """Client connections refused at TLS: no handshake in time, a failed one (a refused
-        client certificate among them), or plaintext on a TLS-only port."""
+    def tls_failures(self) -> dict[str, int]:
+        """Client connections refused at TLS, by reason: ``plaintext`` on a TLS-only port,
+        ``no_handshake`` in time, ``handshake_failed`` (a refused client certificate among
+        them)."""
         ...
 
     def thread_stats(self) -> list[ThreadStats]: ...
@@ -301,9 +301,8 @@ class NativeEngine:
     def events_dropped(self) -> int:
         return self._engine.events_dropped
 
-    @property
-    def tls_failures(self) -> int:
-        return self._engine.tls_failures
+    def tls_failures(self) -> dict[str, int]:
+        return dict(self._engine.tls_failures())
 
     def thread_stats(self) -> list[ThreadStats]:
         return [ThreadStats(*row) for row in self._engine.thread_counters()]

@@ -119,10 +119,12 @@ class ProxyCollector(Collector):
         dropped.add_metric([], self.engine.events_dropped)
         tls = CounterMetricFamily(
             "weighbridge_proxy_tls_failures",
-            "Client connections refused at TLS: no or a failed handshake (a refused client "
-            "certificate among them), or plaintext on a TLS-only port.",
+            "Client connections refused at TLS, by reason: plaintext on a TLS-only port, "
+            "no_handshake in time, handshake_failed (a refused client certificate among them).",
+            labels=["reason"],
         )
-        tls.add_metric([], self.engine.tls_failures)
+        for reason, n in self.engine.tls_failures().items():
+            tls.add_metric([reason], n)
         yield from (retries, exhausted, ejections, checks, dropped, tls)
 
     def _engine(self) -> Iterator[Family]:

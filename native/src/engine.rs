@@ -561,11 +561,10 @@ impl Engine {
         self.shared.events.dropped.load(Relaxed)
     }
 
-    /// Client connections refused at TLS (no or a failed handshake, plaintext on a TLS-only
-    /// port).
-    #[getter]
-    fn tls_failures(&self) -> u64 {
-        self.shared.counters.tls_failures.load(Relaxed)
+    /// [(reason, client connections refused at TLS)]: `plaintext` on a TLS-only port,
+    /// `no_handshake` in time, `handshake_failed` (a refused client certificate among them).
+    fn tls_failures(&self) -> Vec<(&'static str, u64)> {
+        self.shared.counters.tls_failures()
     }
 
     /// (calls received, calls in flight, [(reason, calls the proxy ended itself)]).

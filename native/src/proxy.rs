@@ -26,7 +26,7 @@ use crate::grpc::{self, Meter};
 use crate::pool::Stream;
 use crate::retry::{self, RetryPolicy};
 use crate::routing::{Route, Target};
-use crate::stats::LocalError;
+use crate::stats::{LocalError, TlsFailure};
 use crate::workers::{self, WorkerCounters};
 
 pub const STREAM_WINDOW: u32 = 1 << 20;
@@ -84,17 +84,13 @@ async fn serve_socket(shared: Arc<Shared>, sock: TcpStream, stop: watch::Receive
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, sock.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
         Ok(Ok(1)) if tls.allow_h2c => return serve_connection(shared, sock, stop).await,
-        _ => {
-            shared.counters.tls_failures.fetch_add(1, Relaxed);
-            return;
-        }
+        Ok(Ok(1)) => return shared.counters.tls_failed(TlsFailure::Plaintext),
+        _ => return shared.counters.tls_failed(TlsFailure::NoHandshake),
     }
     let acceptor = tls.acceptor();
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
         Ok(Ok(stream)) => serve_connection(shared, stream, stop).await,
-        _ => {
-            shared.counters.tls_failures.fetch_add(1, Relaxed);
-        }
+        _ => shared.counters.tls_failed(TlsFailure::HandshakeFailed),
     }
 }
 

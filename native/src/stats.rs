@@ -39,9 +39,8 @@ impl Stats {
 pub struct Counters {
     pub calls: AtomicU64,
     pub in_flight: AtomicI64,
-    /// Client connections refused at TLS: no handshake in time, a failed one (a refused client
-    /// certificate among them), or plaintext where only TLS is served.
-    pub tls_failures: AtomicU64,
+    /// Client connections refused at TLS, by `TlsFailure`.
+    tls_failures: [AtomicU64; TlsFailure::ALL.len()],
     local: [AtomicU64; LocalError::ALL.len()],
 }
 
@@ -86,7 +85,47 @@ impl LocalError {
     }
 }
 
+/// Why a client connection was refused at TLS.
+#[derive(Clone, Copy)]
+pub enum TlsFailure {
+    /// Plaintext on a port that serves TLS only.
+    Plaintext,
+    /// Nothing (or EOF) before the handshake timeout.
+    NoHandshake,
+    /// The handshake failed or timed out: a refused client certificate or identity, no common
+    /// version or cipher suite, a client that does not trust the proxy's certificate.
+    HandshakeFailed,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 3] = [
+        TlsFailure::Plaintext,
+        TlsFailure::NoHandshake,
+        TlsFailure::HandshakeFailed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsFailure::Plaintext => "plaintext",
+            TlsFailure::NoHandshake => "no_handshake",
+            TlsFailure::HandshakeFailed => "handshake_failed",
+        }
+    }
+}
+
 impl Counters {
+    pub fn tls_failed(&self, why: TlsFailure) {
+        self.tls_failures[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// [(reason, client connections refused at TLS for it)]
+    pub fn tls_failures(&self) -> Vec<(&'static str, u64)> {
+        TlsFailure::ALL
+            .iter()
+            .map(|f| (f.name(), self.tls_failures[*f as usize].load(Relaxed)))
+            .collect()
+    }
+
     pub fn error(&self, e: LocalError) {
         self.local[e as usize].fetch_add(1, Relaxed);
     }

@@ -124,7 +124,7 @@ async def test_tls_on_the_client_port_and_plaintext_refused(
             f"127.0.0.1:{proxy.port}", options=[("grpc.default_authority", AUTHORITY)]
         ) as plain:
             assert await answer(plain) == "UNAVAILABLE"
-        assert proxy.engine.tls_failures >= 1
+        assert proxy.engine.tls_failures()["plaintext"] >= 1
 
 
 async def test_h2c_beside_tls_when_allowed(
@@ -171,6 +171,7 @@ async def test_mtls_lets_in_only_allowed_client_identities(
         async with secure(proxy.port, pki, other) as ch:
             assert await answer(ch) == "UNAVAILABLE", "a certificate the CA signed, not allowed"
         assert a.calls == 1
+        assert proxy.engine.tls_failures()["handshake_failed"] >= 2
 
 
 async def test_a_rotated_certificate_is_served_without_a_restart(

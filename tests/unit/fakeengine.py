@@ -54,7 +54,6 @@ class FakeEngine:
     failover: list[FailoverCount] = field(default_factory=list)
     queued: list[EndpointEvent] = field(default_factory=list)
     events_dropped: int = 0
-    tls_failures: int = 0
     closed: bool = False
 
     @property
@@ -91,6 +90,9 @@ class FakeEngine:
 
     def failover_counters(self) -> list[FailoverCount]:
         return list(self.failover)
+
+    def tls_failures(self) -> dict[str, int]:
+        return {}
 
     def events(self) -> list[EndpointEvent]:
         if self.closed:
