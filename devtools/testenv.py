@@ -157,14 +157,19 @@ class CertificateAuthority:
             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
         )  # fmt: skip
 
-    def issue(self, cn: str, cert: Path, key: Path, *, server: bool = False) -> None:
-        """A certificate with common name ``cn`` (for a server: SAN 127.0.0.1 and localhost)
-        and its key, written to ``cert`` and ``key`` by a rename each, as a Secret update
-        swaps files: a reader sees the old file or the new one, never half of one."""
+    def issue(
+        self, cn: str, cert: Path, key: Path, *, server: bool = False, san: str | None = None
+    ) -> None:
+        """A certificate with common name ``cn`` and its key, written to ``cert`` and ``key``
+        by a rename each, as a Secret update swaps files: a reader sees the old file or the new
+        one, never half of one. ``san`` is its subjectAltName (like ``DNS:a.b,URI:spiffe://x``;
+        default: for a server IP:127.0.0.1 and DNS:localhost, for a client none)."""
         work = Path(tempfile.mkdtemp(dir=self.dir))
         ext = work / "ext.cnf"
         usage = "serverAuth" if server else "clientAuth"
-        san = "subjectAltName=IP:127.0.0.1,DNS:localhost\n" if server else ""
+        if san is None and server:
+            san = "IP:127.0.0.1,DNS:localhost"
+        san = f"subjectAltName={san}\n" if san else ""
         ext.write_text(
             f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
             f"extendedKeyUsage={usage}\n{san}"

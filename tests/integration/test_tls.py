@@ -9,7 +9,6 @@ import contextlib
 import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,34 +28,18 @@ AUTHORITY = "echo.default"
 
 
 class Pki:
-    """A CA and the certificates it signs, as PEM files in ``root``."""
+    """A CA (devtools' openssl-made one) and the certificates it signs, as PEM files."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.ca = root / "ca.crt"
-        self._run(
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-            "-keyout", str(root / "ca.key"), "-out", str(self.ca),
-        )  # fmt: skip
+        self.authority = testenv.CertificateAuthority(root)
+        self.ca = self.authority.cert
 
-    def _run(self, *args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-    def issue(self, name: str, cn: str, san: str) -> tuple[Path, Path]:
+    def issue(self, name: str, cn: str, san: str, *, server: bool = True) -> tuple[Path, Path]:
         """(certificate, key) for subject CN ``cn`` with subjectAltName ``san``."""
-        key, csr, crt = (self.root / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
-        ext = self.root / f"{name}.ext"
-        ext.write_text(f"subjectAltName={san}\n")
-        self._run(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-            "-keyout", str(key), "-out", str(csr),
-        )  # fmt: skip
-        self._run(
-            "x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey",
-            str(self.root / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(ext),
-            "-out", str(crt),
-        )  # fmt: skip
-        return crt, key
+        cert, key = self.root / f"{name}.crt", self.root / f"{name}.key"
+        self.authority.issue(cn, cert, key, server=server, san=san)
+        return cert, key
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +133,8 @@ async def test_mtls_lets_in_only_allowed_client_identities(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, pki: Pki
 ) -> None:
     cert, key = pki.issue("server-mtls", "proxy", f"DNS:{AUTHORITY}")
-    allowed = pki.issue("client-a", "client-a", "URI:spiffe://test/ns/shop/sa/api")
-    other = pki.issue("client-b", "client-b", "URI:spiffe://test/ns/evil/sa/x")
+    allowed = pki.issue("client-a", "client-a", "URI:spiffe://test/ns/shop/sa/api", server=False)
+    other = pki.issue("client-b", "client-b", "URI:spiffe://test/ns/evil/sa/x", server=False)
     async with (
         echo_backends("a") as (a,),
         running_proxy(
@@ -226,7 +209,9 @@ async def test_tls_only_backends_reached_by_a_services_annotation(
     backend that serves TLS only and requires client certificates, reached through the proxy;
     without the client certificate its handshake refuses the proxy."""
     cert, key = pki.issue("backend", "backend", "DNS:echo.default.svc")
-    proxy_cert, proxy_key = pki.issue("proxy-client", "weighbridge-proxy", "DNS:proxy")
+    proxy_cert, proxy_key = pki.issue(
+        "proxy-client", "weighbridge-proxy", "DNS:proxy", server=False
+    )
     credentials = grpc.ssl_server_credentials(
         [(key.read_bytes(), cert.read_bytes())],
         root_certificates=pki.ca.read_bytes(),
