@@ -14,6 +14,7 @@ from dataplane.engine import DRAINING, BackendStats, Engine
 from dataplane.strategies import configure
 from weighbridge.keys import ServiceKey
 from weighbridge.model import BackendSet, Endpoint
+from weighbridge.policy import BACKEND_TLS
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +100,7 @@ class Routes:
         again = [
             (key, state)
             for key, state in self.services.items()
-            if "backend-tls" in state.backend_set.options
+            if BACKEND_TLS in state.backend_set.options
         ]
         for key, state in again:
             self.apply(key, state.backend_set, state.mod_revision)

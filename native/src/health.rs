@@ -438,7 +438,7 @@ async fn check(
     let response = response.await.map_err(|e| e.to_string())?;
     let (head, mut body) = response.into_parts();
     if grpc::status_of(&head.headers).is_some() {
-        return Err(status_text(&head.headers));
+        return Err(grpc::status_text(&head.headers).unwrap_or_default());
     }
     let mut data = Vec::new();
     while let Some(chunk) = body.data().await {
@@ -453,7 +453,7 @@ async fn check(
         .unwrap_or_default();
     match grpc::status_of(&trailers) {
         Some(b"0") => {}
-        Some(_) => return Err(status_text(&trailers)),
+        Some(_) => return Err(grpc::status_text(&trailers).unwrap_or_default()),
         None => return Err("no grpc-status in the answer".into()),
     }
     match serving_status(&data) {
@@ -463,10 +463,6 @@ async fn check(
         Some(other) => Err(format!("status {other}")),
         None => Err("UNKNOWN".into()),
     }
-}
-
-fn status_text(headers: &http::HeaderMap) -> String {
-    grpc::status_text(headers).unwrap_or_default()
 }
 
 /// `status` (field 1, varint) of a length-prefixed HealthCheckResponse; None when absent.

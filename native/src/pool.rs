@@ -516,11 +516,8 @@ async fn reconnect(backend: Weak<Backend>, index: usize) {
                 b.up();
                 return;
             }
-            Err(e) => {
-                let mut h = b.health();
-                h.failures = h.failures.saturating_add(1);
-                h.last_error = format!("cannot connect: {e}");
-            }
+            // Still down, and this task is the one reconnecting: only the failure is recorded.
+            Err(e) => b.mark_down(index, format!("cannot connect: {e}")),
         }
     }
 }

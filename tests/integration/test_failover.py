@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -56,13 +55,6 @@ async def put(
     )
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (connections to it are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def endpoints(proxy: object) -> dict[int, admin_pb2.BackendStatus]:
     """The admin API's view of Service default/echo, by endpoint port."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.admin_port}") as admin:  # type: ignore[attr-defined]
@@ -89,7 +81,7 @@ async def unary(ch: grpc.aio.Channel, **kw: object) -> tuple[str | None, grpc.St
 @contextlib.asynccontextmanager
 async def process_backend(name: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
     """An echo backend in its own process (``python -m tests.echo``), to kill or stop."""
-    port = closed_port()
+    port = testenv.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.echo", name, "127.0.0.1", str(port)],
         stdout=subprocess.PIPE,
@@ -169,7 +161,7 @@ async def test_a_backend_dying_mid_stream_ends_the_call_with_unavailable(
 async def test_calls_that_never_reached_a_backend_are_retried_on_another(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
-    dead = closed_port()
+    dead = testenv.free_port()  # nothing listens there: connections are refused
     async with (
         echo_backends("a") as (a,),
         running_proxy(etcd_server.endpoint, scheme, eager_connections=False) as proxy,
@@ -272,7 +264,7 @@ async def test_consecutive_failures_eject_an_endpoint_until_its_time_is_up(
 async def test_below_the_panic_threshold_calls_spread_over_every_endpoint(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
-    dead = [closed_port(), closed_port()]
+    dead = [testenv.free_port(), testenv.free_port()]  # refused, as above
 
     async def tries_to_dead(threshold: str) -> int:
         await applied(

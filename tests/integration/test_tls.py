@@ -103,9 +103,7 @@ async def test_tls_on_the_client_port_and_plaintext_refused(
         await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
         async with secure(proxy.port, pki) as ch:
             assert [await answer(ch) for _ in range(3)] == ["a"] * 3
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{proxy.port}", options=[("grpc.default_authority", AUTHORITY)]
-        ) as plain:
+        async with channel(proxy) as plain:
             assert await answer(plain) == "UNAVAILABLE"
         assert proxy.engine.tls_failures()["plaintext"] >= 1
 
@@ -123,9 +121,7 @@ async def test_h2c_beside_tls_when_allowed(
         await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
         async with secure(proxy.port, pki) as ch:
             assert await answer(ch) == "a"
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{proxy.port}", options=[("grpc.default_authority", AUTHORITY)]
-        ) as plain:
+        async with channel(proxy) as plain:
             assert await answer(plain) == "a"
 
 
