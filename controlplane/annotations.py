@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from fractions import Fraction
 from typing import Final
 
@@ -47,6 +47,7 @@ OUTLIER_DETECTION: Final = PREFIX + policy.OUTLIER_DETECTION
 HEALTH_CHECK: Final = PREFIX + policy.HEALTH_CHECK
 PANIC_THRESHOLD: Final = PREFIX + policy.PANIC_THRESHOLD
 BACKEND_TLS: Final = PREFIX + policy.BACKEND_TLS
+STREAM_IDLE_TIMEOUT: Final = PREFIX + policy.STREAM_IDLE_TIMEOUT
 
 POLICIES: Final = {
     RETRY: (policy.RETRY, "InvalidRetry"),
@@ -54,6 +55,7 @@ POLICIES: Final = {
     HEALTH_CHECK: (policy.HEALTH_CHECK, "InvalidHealthCheck"),
     PANIC_THRESHOLD: (policy.PANIC_THRESHOLD, "InvalidPanicThreshold"),
     BACKEND_TLS: (policy.BACKEND_TLS, "InvalidBackendTLS"),
+    STREAM_IDLE_TIMEOUT: (policy.STREAM_IDLE_TIMEOUT, "InvalidStreamIdleTimeout"),
 }
 """Policy annotation → (its ``BackendSet.options`` key, the Event reason of an error)."""
 
@@ -63,6 +65,10 @@ group arithmetic stays exact."""
 
 MAX_ENTRIES: Final = 256
 
+MAX_MESSAGE: Final = 500
+"""Longest error message: the text it quotes is cut (see :func:`excerpt`), so an Event or a
+log line about a huge annotation stays readable."""
+
 _LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
@@ -70,6 +76,9 @@ _LABEL_KEY = re.compile(
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _SET_REQ = re.compile(r"^(?P<key>\S+)\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)$")
+_DIGITS = re.compile(r"[0-9]+")
+_SHARE = re.compile(r"[0-9]{1,16}(\.[0-9]{1,4})?")
+_BLANKS: Final = " \t\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +154,8 @@ def parse_service(annotations: Mapping[str, str]) -> ServiceSpec:
     if strategy not in STRATEGIES:
         raise AnnotationError(
             "InvalidStrategy",
-            f"{STRATEGY}: {strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}",
+            f"{STRATEGY}: {excerpt(strategy)} is not a strategy; "
+            f"use one of {', '.join(STRATEGIES)}",
         )
     weights = parse_weights(annotations.get(WEIGHTS, ""))
     port = annotations.get(PORT)
@@ -172,7 +182,10 @@ def parse_policies(annotations: Mapping[str, str]) -> dict[str, str]:
         try:
             options[key] = policy.canonical_option(key, text)
         except ValueError as exc:
-            raise AnnotationError(reason, f"{annotation}: {exc}") from exc
+            message = f"{annotation}: {exc}"
+            if len(message) > MAX_MESSAGE:
+                message = f"{message[: MAX_MESSAGE - 1]}…"
+            raise AnnotationError(reason, message) from exc
     return options
 
 
@@ -182,24 +195,46 @@ def parse_grpc_services(text: str) -> tuple[str, ...]:
         if not is_grpc_service_name(n):
             raise AnnotationError(
                 "InvalidGrpcServices",
-                f"{GRPC_SERVICES}: {n!r} is not a fully qualified gRPC service name "
+                f"{GRPC_SERVICES}: {excerpt(n)} is not a fully qualified gRPC service name "
                 "(like helloworld.Greeter)",
             )
     return tuple(dict.fromkeys(names))
 
 
 def parse_pod_weight(pod: str, annotations: Mapping[str, str] | None) -> int | None:
-    """The Pod's ``weighbridge.io/weight``, or None when absent."""
+    """The Pod's ``weighbridge.io/weight``, or None when absent; raises AnnotationError
+    (reason ``InvalidPodWeight``) for anything but ASCII digits from 0 to :data:`MAX_WEIGHT`."""
     if not annotations or POD_WEIGHT not in annotations:
         return None
-    text = annotations[POD_WEIGHT].strip()
-    if not text.isdigit() or int(text) > MAX_WEIGHT:
+    value = annotations[POD_WEIGHT]
+    weight = _whole_number(value.strip(_BLANKS))
+    if weight is None:
         raise AnnotationError(
             "InvalidPodWeight",
-            f"pod {pod}: {POD_WEIGHT}={annotations[POD_WEIGHT]!r} is not a whole number "
+            f"pod {pod}: {POD_WEIGHT}={excerpt(value)} is not a whole number "
             f"from 0 to {MAX_WEIGHT}",
         )
-    return int(text)
+    return weight
+
+
+def _whole_number(text: str) -> int | None:
+    """``text`` as an int when it is ASCII digits only and at most :data:`MAX_WEIGHT`.
+
+    Checked before ``int()``, which would accept other scripts' digits and raise ValueError
+    (not AnnotationError) past 4300 digits."""
+    digits = text.lstrip("0") or "0"
+    if not _DIGITS.fullmatch(text) or len(digits) > len(str(MAX_WEIGHT)):
+        return None
+    value = int(digits)
+    return value if value <= MAX_WEIGHT else None
+
+
+def excerpt(text: str, limit: int = 40) -> str:
+    """``repr`` of ``text``, cut to ``limit`` characters with its length when longer, so a
+    message (an Event, a log line) quoting a huge annotation stays short."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 def parse_weights(text: str) -> WeightSpec:
@@ -227,21 +262,24 @@ def parse_weights(text: str) -> WeightSpec:
         if not sep or not target or not value:
             raise AnnotationError(
                 "InvalidWeights",
-                f"{WEIGHTS}: {entry!r} is not 'TARGET: VALUE' (e.g. 'version=v1: 90%')",
+                f"{WEIGHTS}: {excerpt(entry)} is not 'TARGET: VALUE' (e.g. 'version=v1: 90%')",
             )
         if target.startswith("pod/"):
             pod = target[4:].strip()
             if not _POD_NAME.match(pod):
-                raise AnnotationError("InvalidWeights", f"{WEIGHTS}: {pod!r} is not a pod name")
+                raise AnnotationError(
+                    "InvalidWeights", f"{WEIGHTS}: {excerpt(pod)} is not a pod name"
+                )
             if pod in pod_weights:
                 raise AnnotationError("InvalidWeights", f"{WEIGHTS}: pod/{pod} is given twice")
-            if not value.isdigit() or int(value) > MAX_WEIGHT:
+            weight = _whole_number(value)
+            if weight is None:
                 raise AnnotationError(
                     "InvalidWeights",
-                    f"{WEIGHTS}: weight {value!r} of pod/{pod} is not a whole number "
+                    f"{WEIGHTS}: weight {excerpt(value)} of pod/{pod} is not a whole number "
                     f"from 0 to {MAX_WEIGHT}",
                 )
-            pod_weights[pod] = int(value)
+            pod_weights[pod] = weight
             continue
         percent = value.endswith("%")
         share = _parse_share(value.removesuffix("%").strip(), entry)
@@ -249,7 +287,9 @@ def parse_weights(text: str) -> WeightSpec:
         selector = None if target == "*" else parse_selector(target)
         canonical = "*" if selector is None else target
         if canonical in seen_selectors:
-            raise AnnotationError("InvalidWeights", f"{WEIGHTS}: group {target!r} is given twice")
+            raise AnnotationError(
+                "InvalidWeights", f"{WEIGHTS}: group {excerpt(target)} is given twice"
+            )
         seen_selectors.add(canonical)
         groups.append(Group(selector, share))
     if len(kinds) > 1:
@@ -271,20 +311,13 @@ def parse_weights(text: str) -> WeightSpec:
 
 
 def _parse_share(text: str, entry: str) -> Fraction:
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        value = Decimal("NaN")
-    if (
-        not value.is_finite()
-        or value < 0
-        or value > MAX_WEIGHT
-        or not re.fullmatch(r"\d+(\.\d{1,4})?", text)
-    ):
+    # The pattern first: Decimal() would take other scripts' digits, underscores and exponents.
+    value = Decimal(text) if _SHARE.fullmatch(text) else None
+    if value is None or value > MAX_WEIGHT:
         raise AnnotationError(
             "InvalidWeights",
-            f"{WEIGHTS}: share {text!r} in {entry!r} is not a number from 0 to {MAX_WEIGHT} "
-            "with at most 4 decimals",
+            f"{WEIGHTS}: share {excerpt(text)} in {excerpt(entry, 80)} is not a number from 0 "
+            f"to {MAX_WEIGHT} with at most 4 decimals",
         )
     return Fraction(value)
 
@@ -295,7 +328,7 @@ def parse_selector(text: str) -> Selector:
     for part in _split_requirements(text):
         requirements.append(_parse_requirement(part, text))
     if not requirements:
-        raise AnnotationError("InvalidWeights", f"{WEIGHTS}: empty selector in {text!r}")
+        raise AnnotationError("InvalidWeights", f"{WEIGHTS}: empty selector in {excerpt(text)}")
     return Selector(text, tuple(requirements))
 
 
@@ -309,32 +342,34 @@ def _split_requirements(text: str) -> list[str]:
         elif ch == ")":
             depth -= 1
             if depth < 0:
-                raise AnnotationError("InvalidWeights", f"{WEIGHTS}: unbalanced ')' in {text!r}")
+                raise AnnotationError(
+                    "InvalidWeights", f"{WEIGHTS}: unbalanced ')' in {excerpt(text)}"
+                )
         if ch == "," and depth == 0:
             parts.append("".join(current).strip())
             current = []
         else:
             current.append(ch)
     if depth:
-        raise AnnotationError("InvalidWeights", f"{WEIGHTS}: unbalanced '(' in {text!r}")
+        raise AnnotationError("InvalidWeights", f"{WEIGHTS}: unbalanced '(' in {excerpt(text)}")
     parts.append("".join(current).strip())
     return parts
 
 
 def _parse_requirement(part: str, whole: str) -> Requirement:
     def bad(why: str) -> AnnotationError:
-        return AnnotationError("InvalidWeights", f"{WEIGHTS}: selector {whole!r}: {why}")
+        return AnnotationError("InvalidWeights", f"{WEIGHTS}: selector {excerpt(whole)}: {why}")
 
     def key(k: str) -> str:
         k = k.strip()
         if not _LABEL_KEY.match(k):
-            raise bad(f"{k!r} is not a label key")
+            raise bad(f"{excerpt(k)} is not a label key")
         return k
 
     def value(v: str) -> str:
         v = v.strip()
         if not _LABEL_VALUE.match(v):
-            raise bad(f"{v!r} is not a label value")
+            raise bad(f"{excerpt(v)} is not a label value")
         return v
 
     if not part:

@@ -5,13 +5,14 @@ Objects are the plain JSON dicts the API server sends; they are never modified h
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Final
 
-from controlplane.annotations import ServiceSpec, WeightSpec, parse_pod_weight
+from controlplane.annotations import ServiceSpec, WeightSpec, excerpt, parse_pod_weight
 from controlplane.errors import AnnotationError
 from weighbridge.model import BackendSet, Endpoint
 
@@ -22,6 +23,9 @@ EXACT_TOTAL_LIMIT: Final = 2**31
 rounded to parts per million (only with many groups of coprime sizes)."""
 
 APPROXIMATE_TOTAL: Final = 1_000_000
+
+DEFAULT_WEIGHT: Final = 1
+"""The per-pod weight of a pod without ``weighbridge.io/weight``, or with a bad one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +60,8 @@ def select_port(service: Obj, wanted: str | None) -> tuple[str, int]:
         names = ", ".join(f"{p.get('name') or '<unnamed>'}={p.get('port')}" for p in ports)
         raise AnnotationError(
             "InvalidPort",
-            f"weighbridge.io/port: Service has no port {wanted!r} (ports: {names or 'none'})",
+            f"weighbridge.io/port: Service has no port {excerpt(wanted)} "
+            f"(ports: {names or 'none'})",
         )
     if len(ports) == 1:
         return ports[0].get("name") or "", int(ports[0]["port"])
@@ -145,23 +150,31 @@ def assign_weights(
     endpoints: Sequence[RawEndpoint],
     spec: WeightSpec,
     pods: Mapping[str, Obj],
-) -> list[int]:
+) -> tuple[list[int], list[AnnotationError]]:
     """Integer weights such that each endpoint's share of new requests is exactly what the
-    annotations ask for (see docs/annotations.md).
+    annotations ask for (see docs/annotations.md), and the errors of the pods whose
+    ``weighbridge.io/weight`` is bad: such a pod counts with :data:`DEFAULT_WEIGHT`, so a bad
+    pod annotation affects that pod only.
 
     ``pods`` maps pod name → Pod object (same namespace). Endpoints that are not eligible
     (not serving, or terminating) get weight 0 in group mode, so group shares hold among
     the endpoints that take traffic.
     """
     base: list[int] = []
+    problems: dict[str, AnnotationError] = {}
     for e in endpoints:
         weight = spec.pod_weights.get(e.pod) if e.pod else None
         if weight is None and e.pod:
             pod = pods.get(e.pod)
-            weight = parse_pod_weight(e.pod, (pod or {}).get("metadata", {}).get("annotations"))
-        base.append(1 if weight is None else weight)
+            try:
+                weight = parse_pod_weight(e.pod, (pod or {}).get("metadata", {}).get("annotations"))
+            except AnnotationError as exc:
+                problems[e.pod] = AnnotationError(
+                    exc.reason, f"{exc.message}; the pod gets the default weight {DEFAULT_WEIGHT}"
+                )
+        base.append(DEFAULT_WEIGHT if weight is None else weight)
     if not spec.groups:
-        return base
+        return base, list(problems.values())
 
     members: dict[int, list[int]] = {}
     for i, e in enumerate(endpoints):
@@ -183,7 +196,32 @@ def assign_weights(
         group_base = sum(base[i] for i in idx)
         for i in idx:
             shares[i] = group_share * base[i] / group_base
-    return _integers(shares)
+    return _integers(shares), list(problems.values())
+
+
+def usable_endpoints(
+    raw: Sequence[RawEndpoint],
+) -> tuple[list[RawEndpoint], list[AnnotationError]]:
+    """The endpoints a backend set can hold, and an error for each one it cannot: an address
+    Kubernetes accepted but that is no IP address to Python (``010.1.2.3``: a slice's
+    leading zeros), or no port. Such an endpoint is left out; the others are published."""
+    usable: list[RawEndpoint] = []
+    problems: list[AnnotationError] = []
+    for e in raw:
+        try:
+            ipaddress.ip_address(e.address)
+        except ValueError:
+            why = f"address {excerpt(e.address)} is not an IP address"
+        else:
+            if 0 < e.port < 65536:
+                usable.append(e)
+                continue
+            why = f"port {e.port} is not from 1 to 65535"
+        pod = f" (pod {e.pod})" if e.pod else ""
+        problems.append(
+            AnnotationError("InvalidEndpoint", f"endpoint {why}{pod}; it is left out of the set")
+        )
+    return usable, problems
 
 
 def _integers(shares: Sequence[Fraction]) -> list[int]:
@@ -208,6 +246,16 @@ def _integers(shares: Sequence[Fraction]) -> list[int]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A Service's backend set, and the problems that affected only part of it."""
+
+    backend_set: BackendSet
+    problems: tuple[AnnotationError, ...] = ()
+    """Bad pod weights (the pod got the default weight) and unusable endpoints (left out):
+    reported as Warning Events on the Service, while the set is published."""
+
+
 def build_backend_set(
     *,
     service: Obj,
@@ -217,11 +265,13 @@ def build_backend_set(
     source: str,
     generation: int,
     built_unix_nanos: int,
-) -> BackendSet:
-    """The BackendSet for one Service; raises AnnotationError for bad annotations."""
-    weights = assign_weights(raw, spec.weights, pods)
+) -> Built:
+    """The BackendSet for one Service; raises AnnotationError for bad Service annotations.
+    A bad pod annotation or endpoint is no error: see :attr:`Built.problems`."""
+    raw, unusable = usable_endpoints(raw)
+    weights, bad_weights = assign_weights(raw, spec.weights, pods)
     meta = service["metadata"]
-    return BackendSet(
+    backend_set = BackendSet(
         namespace=meta["namespace"],
         name=meta["name"],
         strategy=spec.strategy,
@@ -244,3 +294,4 @@ def build_backend_set(
         source=source,
         built_unix_nanos=built_unix_nanos,
     )
+    return Built(backend_set, (*unusable, *bad_weights))

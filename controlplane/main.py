@@ -95,9 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.metrics_listen,
         help="Prometheus metrics over HTTP at /metrics (default: %(default)s)",
     )
+    p.add_argument(
+        "--grpc-service-namespaces",
+        default=",".join(d.grpc_service_namespaces),
+        metavar="NAMESPACES",
+        help="comma-separated namespaces whose Services may route by gRPC service name "
+        "(weighbridge.io/grpc-services); '*' every namespace, '' none: routing by name off "
+        "(default: %(default)s)",
+    )
     add_etcd_arguments(p)
     add_log_arguments(p)
     return p
+
+
+def namespaces_of(text: str) -> tuple[str, ...]:
+    """``--grpc-service-namespaces``: ``a, b`` → ``("a", "b")``; ``""`` → ``()``."""
+    return tuple(ns.strip() for ns in text.split(",") if ns.strip())
 
 
 def settings_of(args: argparse.Namespace) -> ControllerSettings:
@@ -110,6 +123,7 @@ def settings_of(args: argparse.Namespace) -> ControllerSettings:
         admin_listen=args.admin_listen or None,
         health_listen=args.health_listen or None,
         metrics_listen=args.metrics_listen,
+        grpc_service_namespaces=namespaces_of(args.grpc_service_namespaces),
     )
 
 
@@ -163,6 +177,7 @@ async def run(args: argparse.Namespace, settings: ControllerSettings) -> None:
         admin=settings.admin_listen,
         health=settings.health_listen,
         metrics=settings.metrics_listen,
+        grpc_service_namespaces=",".join(settings.grpc_service_namespaces),
     )
 
     stop = asyncio.Event()

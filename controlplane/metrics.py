@@ -63,3 +63,21 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.events = Counter(
+            "weighbridge_controller_events_total",
+            "Kubernetes Events by result: posted; failed (the API server refused it or did not "
+            "answer in time); dropped (the queue of Events to post was full).",
+            ["result"],
+            registry=registry,
+        )
+        self.event_queue = Gauge(
+            "weighbridge_controller_event_queue_depth",
+            "Kubernetes Events waiting to be posted.",
+            registry=registry,
+        )
+        self.grpc_service_names_taken = Gauge(
+            "weighbridge_controller_grpc_service_names_taken",
+            "Claims of a gRPC service name (weighbridge.io/grpc-services) that lose to an "
+            "older Service's claim: one per name and losing Service.",
+            registry=registry,
+        )

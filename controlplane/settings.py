@@ -9,11 +9,17 @@ so a default is never written twice.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 Source = Literal["endpointslices", "endpoints"]
 """Where a Service's endpoints come from."""
+
+ALL_NAMESPACES = "*"
+"""In :attr:`ControllerSettings.grpc_service_namespaces`: every namespace."""
+
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 MIN_LEASE_TTL = 2
 """etcd grants no lease shorter than 1.5 election timeouts (2 s with its defaults) and
@@ -53,6 +59,13 @@ class ControllerSettings:
     metrics_listen: str = "0.0.0.0:9402"
     """Prometheus /metrics over HTTP: every interface, since Prometheus scrapes the pod's
     IP."""
+    grpc_service_namespaces: tuple[str, ...] = (ALL_NAMESPACES,)
+    """Namespaces whose Services may route by gRPC service name
+    (``weighbridge.io/grpc-services``): ``("*",)`` every namespace, ``()`` none (routing by
+    name off; the ``:authority`` still reaches every Service). Every namespace by default, so
+    the annotation works as documented without a second step; in a cluster shared by teams
+    that do not trust each other, list the namespaces allowed to claim names, since a name is
+    global to the proxies (the oldest claim wins, wherever it comes from)."""
 
     def __post_init__(self) -> None:
         if self.lease_ttl < MIN_LEASE_TTL:
@@ -61,6 +74,24 @@ class ControllerSettings:
             raise ValueError(f"resync interval must be > 0 s, not {self.resync_interval}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
+        namespaces = self.grpc_service_namespaces
+        if ALL_NAMESPACES in namespaces and len(namespaces) > 1:
+            raise ValueError(
+                f"gRPC service namespaces: '*' already means every namespace; "
+                f"list either '*' or namespaces, not both ({', '.join(namespaces)})"
+            )
+        for ns in namespaces:
+            if ns != ALL_NAMESPACES and not _NAMESPACE.fullmatch(ns):
+                raise ValueError(f"gRPC service namespaces: {ns!r} is not a namespace name")
+        if len(set(namespaces)) != len(namespaces):
+            raise ValueError(
+                f"gRPC service namespaces: a namespace is listed twice ({', '.join(namespaces)})"
+            )
+
+    def routes_names_in(self, namespace: str) -> bool:
+        """Whether Services in ``namespace`` may route by gRPC service name."""
+        namespaces = self.grpc_service_namespaces
+        return ALL_NAMESPACES in namespaces or namespace in namespaces
 
 
 DEFAULTS = ControllerSettings()

@@ -99,6 +99,12 @@ class Cluster:
     async def delete(self, kind: str, name: str) -> None:
         await self.kube.request("DELETE", f"{ko.collection(kind, self.ns)}/{name}")
 
+    async def namespace(self, prefix: str = "t") -> Cluster:
+        """Another fresh namespace, named ``PREFIX-<random>``, on the same API server."""
+        ns = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        await self.kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": ns}})
+        return Cluster(self.kube, ns)
+
     async def events(self, service: str) -> list[ko.Obj]:
         doc = await self.kube.request(
             "GET",
@@ -158,9 +164,11 @@ async def running_controller(
     source: Source = DEFAULTS.source,
     lease_ttl: int = 3,
     etcd_tls: store.EtcdTLS | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Controller]:
     """A controller running in this event loop, stopped (and resigned) on exit; its lease is
-    short so that failover tests finish quickly. With ``etcd_tls`` it reaches etcd over TLS."""
+    short so that failover tests finish quickly. With ``etcd_tls`` it reaches etcd over TLS;
+    ``settings`` are other ControllerSettings fields."""
     kube = await Kube.connect(str(kubeconfig))
     etcd = store.client(etcd_endpoint, tls=etcd_tls)
     controller = Controller(
@@ -169,7 +177,7 @@ async def running_controller(
         scheme=scheme,
         identity=identity,
         metrics=Metrics(CollectorRegistry()),
-        settings=ControllerSettings(source=source, lease_ttl=lease_ttl),
+        settings=ControllerSettings(source=source, lease_ttl=lease_ttl, **settings),
     )
     task = asyncio.create_task(controller.run())
     try:

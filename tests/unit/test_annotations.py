@@ -221,3 +221,153 @@ def test_fuzz_service_annotations(annotations: dict[str, str]) -> None:
         parse_service(annotations)
     except AnnotationError as exc:
         assert exc.reason.startswith("Invalid")
+
+
+# --- hostile input: every parser either parses or raises AnnotationError, nothing else ------
+
+UNICODE_DIGITS = [
+    *"\u00b2\u00b3\u00b9",  # superscripts: str.isdigit() says yes, int() raises ValueError
+    *"\u0663\u06f7\u096b\u0e53\uff11\U0001d7d7",  # Arabic, Persian, Devanagari, Thai, fullwidth, math
+    *"\u2464\u00bd\u216b\u3007",  # circled 5, one half, Roman twelve, ideographic zero
+]
+CONTROL = ["\x00", "\x07", "\x1b", "\x7f", "\x85", "\u2028", "\u200b", "\ufeff", "\r", "\t"]
+HUGE = ["9" * 4301, "1" * 5000, "1" + "0" * 30, "1e999999", "-1", "1.5", "+3"]
+
+HOSTILE_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(UNICODE_DIGITS + CONTROL + HUGE),
+    st.lists(
+        st.sampled_from(
+            [*UNICODE_DIGITS, *CONTROL, *HUGE, "0" * 5000, *"0123456789 .,:;%=#()/*-!\n"]
+        ),
+        max_size=12,
+    ).map("".join),
+)
+"""Text built from what broke parsers elsewhere: other scripts' digits (int() and Decimal()
+take them, ``str.isdigit`` says yes to superscripts that int() refuses), numbers past int()'s
+4300-digit limit, control and invisible characters, and syntax fragments around them."""
+
+
+def annotation_errors_only(parse: object, *args: object) -> object:
+    """``parse(*args)``, or None when it raised AnnotationError; anything else fails."""
+    try:
+        return parse(*args)  # type: ignore[operator]
+    except AnnotationError as exc:
+        assert exc.reason.startswith("Invalid"), exc.reason
+        assert exc.message
+        assert len(exc.message) <= 500, "a message quoting hostile text stays short"
+        return None
+
+
+@pytest.mark.parametrize("value", [*UNICODE_DIGITS, *HUGE, "3\x00", "\u20033", "0x10", "1_000"])
+def test_a_pod_weight_is_ascii_digits_in_range_or_invalid(value: str) -> None:
+    with pytest.raises(AnnotationError) as info:
+        parse_pod_weight("api-0", {"weighbridge.io/weight": value})
+    assert info.value.reason == "InvalidPodWeight"
+    assert len(info.value.message) < 200
+
+
+def test_pod_weight_bounds_and_leading_zeros() -> None:
+    assert parse_pod_weight("p", {"weighbridge.io/weight": "1000000"}) == 1_000_000
+    assert parse_pod_weight("p", {"weighbridge.io/weight": "0"}) == 0
+    assert parse_pod_weight("p", {"weighbridge.io/weight": "0" * 5000 + "7"}) == 7
+    assert parse_pod_weight("p", {"weighbridge.io/weight": "\t7\n"}) == 7
+
+
+@pytest.mark.parametrize(
+    "text",
+    [f"pod/a: {v}" for v in ["\u00b2", "\u0663", "9" * 5000]]
+    + [f"v=1: {v}%" for v in ["\u0661\u0660\u0660", "\uff1100", "1_00", "1" * 5000, "99.\u0665"]]
+    + [f"v=1: {v}" for v in ["1e3", "NaN", "Infinity", "-0", "1" * 5000]],
+)
+def test_weights_take_ascii_numbers_only(text: str) -> None:
+    with pytest.raises(AnnotationError) as info:
+        parse_weights(text)
+    assert info.value.reason == "InvalidWeights"
+    assert len(info.value.message) < 300
+
+
+@settings(max_examples=2000, deadline=None)
+@given(HOSTILE_TEXT)
+def test_fuzz_pod_weight(value: str) -> None:
+    weight = annotation_errors_only(parse_pod_weight, "p", {"weighbridge.io/weight": value})
+    if weight is not None:
+        assert isinstance(weight, int)
+        assert 0 <= weight <= 1_000_000
+        assert value.strip(" \t\r\n").isascii()
+
+
+TEMPLATES = st.sampled_from(
+    [
+        "{}",
+        "pod/a: {}",
+        "pod/{}: 1",
+        "v=1: {}%\n*: 50%",
+        "v=1: {}",
+        "{}: 1",
+        "v in ({}): 1",
+        "v=1,{}: 1; w=2: 1",
+    ]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(TEMPLATES, HOSTILE_TEXT)
+def test_fuzz_weights_with_hostile_values(template: str, value: str) -> None:
+    spec = annotation_errors_only(parse_weights, template.format(value))
+    if spec is not None:
+        assert all(0 <= w <= 1_000_000 for w in spec.pod_weights.values())  # type: ignore[attr-defined]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(HOSTILE_TEXT)
+def test_fuzz_selector_and_grpc_services(text: str) -> None:
+    annotation_errors_only(parse_selector, text)
+    names = annotation_errors_only(parse_grpc_services, text)
+    if names is not None:
+        assert all(n.isascii() and n.isprintable() for n in names)  # type: ignore[attr-defined]
+
+
+SERVICE_ANNOTATIONS = [
+    "weighbridge.io/strategy",
+    "weighbridge.io/weights",
+    "weighbridge.io/port",
+    "weighbridge.io/grpc-services",
+    "weighbridge.io/retry",
+    "weighbridge.io/outlier-detection",
+    "weighbridge.io/health-check",
+    "weighbridge.io/panic-threshold",
+    "weighbridge.io/backend-tls",
+]
+POLICY_TEMPLATES = st.sampled_from(
+    [
+        "{}",
+        "on: {}",
+        "on: unavailable; attempts: {}",
+        "on: 14; per-try-timeout: {}s",
+        "on: 14; backoff: {}ms..1s",
+        "on: 14; budget: {}% + 1/s",
+        "consecutive-failures: {}",
+        "max-ejected: {}%",
+        "interval: {}",
+        "service: {}",
+        "{}%",
+        "server-name: {}; ca: {}",
+    ]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(SERVICE_ANNOTATIONS),
+        st.one_of(
+            HOSTILE_TEXT,
+            st.tuples(POLICY_TEMPLATES, HOSTILE_TEXT).map(lambda t: t[0].format(t[1], t[1])),
+        ),
+    )
+)
+def test_fuzz_every_service_annotation(annotations: dict[str, str]) -> None:
+    """parse_service runs every Service parser, the failover policies' too."""
+    annotation_errors_only(parse_service, {"weighbridge.io/strategy": "random", **annotations})
+    annotation_errors_only(parse_policies, annotations)

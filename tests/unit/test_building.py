@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.annotations import parse_service, parse_weights
+from controlplane.annotations import WeightSpec, parse_pod_weight, parse_service, parse_weights
 from controlplane.building import (
     RawEndpoint,
     assign_weights,
@@ -18,6 +18,7 @@ from controlplane.building import (
     select_port,
 )
 from controlplane.errors import AnnotationError
+from tests.unit.test_annotations import HOSTILE_TEXT
 
 
 def raw(
@@ -42,6 +43,13 @@ def pods(
     }
 
 
+def weights_of(endpoints: list[RawEndpoint], spec: WeightSpec, pods: dict[str, Any]) -> list[int]:
+    """The weights assign_weights gives, when every pod annotation is good."""
+    weights, problems = assign_weights(endpoints, spec, pods)
+    assert problems == []
+    return weights
+
+
 def shares(weights: list[int]) -> list[Fraction]:
     total = sum(weights)
     return [Fraction(w, total) for w in weights]
@@ -49,7 +57,7 @@ def shares(weights: list[int]) -> list[Fraction]:
 
 def test_no_groups_uses_pod_weights() -> None:
     eps = [raw(0), raw(1), raw(2)]
-    ws = assign_weights(
+    ws = weights_of(
         eps, parse_weights("pod/p2: 5"), pods({"p0": {}, "p1": {}, "p2": {}}, {"p1": "3"})
     )
     assert ws == [1, 3, 5]
@@ -59,7 +67,7 @@ def test_no_groups_uses_pod_weights() -> None:
 def test_group_shares_are_exact(n1: int, n2: int) -> None:
     eps = [raw(i) for i in range(n1 + n2)]
     labels = {f"p{i}": {"version": "v1" if i < n1 else "v2"} for i in range(n1 + n2)}
-    ws = assign_weights(eps, parse_weights("version=v1: 90%\nversion=v2: 10%"), pods(labels))
+    ws = weights_of(eps, parse_weights("version=v1: 90%\nversion=v2: 10%"), pods(labels))
     s = shares(ws)
     assert sum(s[:n1]) == Fraction(9, 10)
     assert sum(s[n1:]) == Fraction(1, 10)
@@ -68,15 +76,15 @@ def test_group_shares_are_exact(n1: int, n2: int) -> None:
 def test_pod_weights_split_a_group_share() -> None:
     eps = [raw(0), raw(1), raw(2)]
     labels = {"p0": {"v": "1"}, "p1": {"v": "1"}, "p2": {"v": "2"}}
-    ws = assign_weights(eps, parse_weights("v=1: 50%\nv=2: 50%"), pods(labels, {"p0": "3"}))
+    ws = weights_of(eps, parse_weights("v=1: 50%\nv=2: 50%"), pods(labels, {"p0": "3"}))
     assert shares(ws) == [Fraction(3, 8), Fraction(1, 8), Fraction(1, 2)]
 
 
 def test_unmatched_pods_get_nothing_unless_a_rest_group_exists() -> None:
     eps = [raw(0), raw(1)]
     labels = {"p0": {"v": "1"}, "p1": {"v": "3"}}
-    assert assign_weights(eps, parse_weights("v=1: 1"), pods(labels)) == [1, 0]
-    assert shares(assign_weights(eps, parse_weights("v=1: 80%\n*: 20%"), pods(labels))) == [
+    assert weights_of(eps, parse_weights("v=1: 1"), pods(labels)) == [1, 0]
+    assert shares(weights_of(eps, parse_weights("v=1: 80%\n*: 20%"), pods(labels))) == [
         Fraction(4, 5),
         Fraction(1, 5),
     ]
@@ -85,27 +93,56 @@ def test_unmatched_pods_get_nothing_unless_a_rest_group_exists() -> None:
 def test_empty_group_share_is_redistributed() -> None:
     eps = [raw(0), raw(1)]
     labels = {"p0": {"v": "1"}, "p1": {"v": "1"}}
-    ws = assign_weights(eps, parse_weights("v=1: 90%\nv=2: 10%"), pods(labels))
+    ws = weights_of(eps, parse_weights("v=1: 90%\nv=2: 10%"), pods(labels))
     assert shares(ws) == [Fraction(1, 2), Fraction(1, 2)]
 
 
 def test_group_shares_hold_among_serving_endpoints() -> None:
     eps = [raw(0), raw(1, serving=False), raw(2, terminating=True), raw(3)]
     labels = {f"p{i}": {"v": "1" if i < 3 else "2"} for i in range(4)}
-    ws = assign_weights(eps, parse_weights("v=1: 90%\nv=2: 10%"), pods(labels))
+    ws = weights_of(eps, parse_weights("v=1: 90%\nv=2: 10%"), pods(labels))
     assert ws[1] == ws[2] == 0
     assert shares(ws)[0] == Fraction(9, 10)
 
 
 def test_first_matching_group_wins() -> None:
     eps = [raw(0)]
-    ws = assign_weights(eps, parse_weights("a=1: 1\nb=1: 1"), pods({"p0": {"a": "1", "b": "1"}}))
+    ws = weights_of(eps, parse_weights("a=1: 1\nb=1: 1"), pods({"p0": {"a": "1", "b": "1"}}))
     assert ws == [1]
 
 
-def test_bad_pod_annotation_raises() -> None:
-    with pytest.raises(AnnotationError, match="pod p0"):
-        assign_weights([raw(0)], parse_weights(""), pods({"p0": {}}, {"p0": "-2"}))
+@pytest.mark.parametrize("bad", ["-2", "1.5", "²", "٣", "9" * 5000, "1000001", "3\x00", ""])
+@pytest.mark.parametrize("groups", ["", "v=1: 50%\nv=2: 50%"])
+def test_a_bad_pod_weight_gives_that_pod_the_default_weight_and_names_it(
+    bad: str, groups: str
+) -> None:
+    eps = [raw(0), raw(1), raw(2)]
+    labels = {"p0": {"v": "1"}, "p1": {"v": "1"}, "p2": {"v": "2"}}
+    ws, problems = assign_weights(eps, parse_weights(groups), pods(labels, {"p0": bad, "p1": "3"}))
+    # p0 counts as 1 beside p1's good 3: only the bad pod is affected.
+    assert ws[1] == 3 * ws[0] > 0
+    assert [p.reason for p in problems] == ["InvalidPodWeight"]
+    assert "pod p0" in problems[0].message
+    assert "default weight 1" in problems[0].message
+    assert len(problems[0].message) < 300
+
+
+def test_unusable_endpoints_are_left_out_and_named() -> None:
+    service = {"metadata": {"namespace": "ns", "name": "svc", "annotations": {}}}
+    odd = RawEndpoint("010.1.2.3", 80, True, False, "", "", "p9")
+    built = build_backend_set(
+        service=service,
+        spec=parse_service({"weighbridge.io/strategy": "round_robin"}),
+        raw=[raw(0), odd, raw(1)],
+        pods={},
+        source="endpointslices",
+        generation=1,
+        built_unix_nanos=0,
+    )
+    assert [e.address for e in built.backend_set.endpoints] == ["198.18.0.1", "198.18.0.2"]
+    assert [p.reason for p in built.problems] == ["InvalidEndpoint"]
+    assert "'010.1.2.3'" in built.problems[0].message
+    assert "pod p9" in built.problems[0].message
 
 
 @settings(max_examples=300, deadline=None)
@@ -119,7 +156,7 @@ def test_many_groups_shares_within_a_millionth(sizes: list[int], data: st.DataOb
             name = f"p{g}-{j}"
             eps.append(raw(len(eps), pod=name))
             labels[name] = {"g": str(g)}
-    ws = assign_weights(eps, parse_weights(text), pods(labels))
+    ws = weights_of(eps, parse_weights(text), pods(labels))
     assert all(0 < w < 2**32 for w in ws)
     s = shares(ws)
     total = sum(group_shares)
@@ -167,7 +204,7 @@ def test_port_selection() -> None:
 def test_failover_policies_go_into_the_sets_options_only_when_annotated() -> None:
     def built(annotations: dict[str, str]) -> dict[str, str]:
         service = {"metadata": {"namespace": "ns", "name": "svc", "annotations": annotations}}
-        backend_set = build_backend_set(
+        built_set = build_backend_set(
             service=service,
             spec=parse_service({"weighbridge.io/strategy": "round_robin", **annotations}),
             raw=[raw(0)],
@@ -176,10 +213,46 @@ def test_failover_policies_go_into_the_sets_options_only_when_annotated() -> Non
             generation=1,
             built_unix_nanos=0,
         )
-        return dict(backend_set.options)
+        return dict(built_set.backend_set.options)
 
     assert built({}) == {}
     assert built({"weighbridge.io/retry": "on: 14", "weighbridge.io/panic-threshold": "10%"}) == {
         "retry": "on: unavailable; attempts: 2; backoff: 25ms..250ms; budget: 20% + 10/s",
         "panic-threshold": "10%",
     }
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.none() | HOSTILE_TEXT, min_size=1, max_size=6),
+    st.sampled_from(["", "v=1: 1\n*: 1", "v=1: 100%", "pod/p0: 2"]),
+)
+def test_fuzz_no_pod_annotation_stops_a_set(values: list[str | None], weights: str) -> None:
+    """Whatever pods carry, the set is built: a bad weight is that pod's problem only."""
+    eps = [raw(i) for i in range(len(values))]
+    labels = {f"p{i}": {"v": str(i % 2)} for i in range(len(values))}
+    annotated = {f"p{i}": v for i, v in enumerate(values) if v is not None}
+    service = {"metadata": {"namespace": "ns", "name": "svc", "annotations": {}}}
+    built = build_backend_set(
+        service=service,
+        spec=parse_service(
+            {"weighbridge.io/strategy": "weighted_random", "weighbridge.io/weights": weights}
+        ),
+        raw=eps,
+        pods=pods(labels, annotated),
+        source="endpointslices",
+        generation=1,
+        built_unix_nanos=0,
+    )
+    assert len(built.backend_set.endpoints) == len(values)
+    assert {p.reason for p in built.problems} <= {"InvalidPodWeight"}
+    bad = {p.message.split(":")[0] for p in built.problems}
+    for i, value in enumerate(values):
+        if f"pod/p{i}:" in weights:
+            continue  # the Service's own weight for the pod wins; its annotation is not read
+        try:
+            parse_pod_weight(
+                f"p{i}", {"weighbridge.io/weight": value} if value is not None else None
+            )
+        except AnnotationError:
+            assert f"pod p{i}" in bad

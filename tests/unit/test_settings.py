@@ -20,6 +20,7 @@ OTHERS = ControllerSettings(
     admin_listen="127.0.0.1:19401",
     health_listen="127.0.0.1:19403",
     metrics_listen="127.0.0.1:19402",
+    grpc_service_namespaces=("shop", "payments"),
 )
 """Settings that differ from DEFAULTS in every field."""
 
@@ -59,6 +60,9 @@ def test_every_setting_has_a_docstring() -> None:
         (["--lease-ttl", "1"], "lease TTL must be at least 2 s, not 1"),
         (["--resync", "0"], "resync interval must be > 0 s, not 0.0"),
         (["--source", "pods"], "invalid choice: 'pods'"),
+        (["--grpc-service-namespaces", "shop,Shop"], "'Shop' is not a namespace name"),
+        (["--grpc-service-namespaces", "*,shop"], "'*' already means every namespace"),
+        (["--grpc-service-namespaces", "shop,shop"], "a namespace is listed twice"),
     ],
 )
 def test_out_of_range_flags_fail_with_a_clear_message(
@@ -68,3 +72,19 @@ def test_out_of_range_flags_fail_with_a_clear_message(
         main.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "namespaces", "routed"),
+    [
+        ("*", ("*",), {"shop": True, "kube-system": True}),
+        ("", (), {"shop": False, "kube-system": False}),
+        (" shop, payments ,", ("shop", "payments"), {"shop": True, "payments": True, "x": False}),
+    ],
+)
+def test_grpc_service_namespaces_flag(
+    flag: str, namespaces: tuple[str, ...], routed: dict[str, bool]
+) -> None:
+    settings = main.settings_of(main.build_parser().parse_args(["--grpc-service-namespaces", flag]))
+    assert settings.grpc_service_namespaces == namespaces
+    assert {ns: settings.routes_names_in(ns) for ns in routed} == routed
