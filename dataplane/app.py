@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from dataplane.admin import AdminService
 from dataplane.engine import DRAINING, HEALTHY, Engine, NativeEngine
+from dataplane.health import follow_sync
 from dataplane.metrics import ProxyCollector
 from dataplane.routing import Routes
 from dataplane.settings import ProxySettings
@@ -122,12 +123,19 @@ class Proxy:
             await self._start_health(self.settings.health_listen)
         if self.settings.metrics_listen:
             registry = CollectorRegistry(auto_describe=False)
-            registry.register(ProxyCollector(self.engine, self.routes, self.subscription))
+            registry.register(
+                ProxyCollector(self.engine, self.routes, self.subscription, loop=loop)
+            )
             host, port = split_hostport(self.settings.metrics_listen)
             server, thread = start_http_server(port, addr=host, registry=registry)
             self.metrics_port = server.server_port
             self._metrics = (server, thread)
         self._tasks.append(loop.create_task(self._mark_serving(), name="health"))
+        self._tasks.append(
+            loop.create_task(
+                follow_sync(self._health, self.subscription, self.routes), name="sync-health"
+            )
+        )
         log.info(
             "proxy_started",
             listen=self.port,

@@ -3,31 +3,77 @@ path never touches a metrics library."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from typing import Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from dataplane.engine import ENDPOINT_STATES, LATENCY_BOUNDS, BackendStats, Engine
-from dataplane.routing import Routes, endpoint_state
+from dataplane.health import in_sync
+from dataplane.routing import APPLY_FAILURE_REASONS, Routes, endpoint_state
 from dataplane.subscription import Subscription
 
 Family = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
 
+COLLECT_TIMEOUT: Final = 5.0
+"""Seconds a scrape waits for the event loop to run the collection; a loop that busy is itself
+the news, and the scrape fails (HTTP 500) rather than hang."""
+
 
 class ProxyCollector(Collector):
-    def __init__(self, engine: Engine, routes: Routes, subscription: Subscription) -> None:
+    """The proxy's metrics, collected on its event loop.
+
+    The applied sets and the subscription's state belong to the event loop, which changes them
+    between its callbacks, while prometheus_client's HTTP server calls :meth:`collect` on a
+    thread of its own. So, given ``loop``, :meth:`collect` runs the whole collection on that
+    loop, as one callback, and waits for it: a scrape reads one moment of the loop's state
+    (never a Service counted in one family and gone from the next, never a dict changing
+    under an iteration), and only the finished families, which nothing else holds, cross to the
+    server's thread to be written out there. Without ``loop`` (or called on it) it collects
+    where it is called."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        routes: Routes,
+        subscription: Subscription,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float = COLLECT_TIMEOUT,
+    ) -> None:
         self.engine = engine
         self.routes = routes
         self.subscription = subscription
+        self.loop = loop
+        self.timeout = timeout
 
-    def collect(self) -> Iterator[Family]:
+    def collect(self) -> list[Family]:
+        if self.loop is None or _running_loop() is self.loop:
+            return self._families()
+        future = asyncio.run_coroutine_threadsafe(self._on_loop(), self.loop)
+        try:
+            return future.result(self.timeout)
+        except TimeoutError:
+            future.cancel()
+            raise TimeoutError(
+                f"the proxy's event loop did not collect the metrics within {self.timeout}s"
+            ) from None
+
+    async def _on_loop(self) -> list[Family]:
+        return self._families()
+
+    def _families(self) -> list[Family]:
+        """Every family, read without a pause (call it on the loop that owns the state)."""
         stats = self.engine.stats()
-        yield from self._backends(stats)
-        yield from self._endpoint_states(stats)
-        yield from self._failover()
-        yield from self._engine()
-        yield from self._subscription()
+        return [
+            *self._backends(stats),
+            *self._endpoint_states(stats),
+            *self._failover(),
+            *self._engine(),
+            *self._subscription(),
+        ]
 
     def _backends(self, stats: list[BackendStats]) -> Iterator[Family]:
         labels = ["service", "backend"]
@@ -187,3 +233,41 @@ class ProxyCollector(Collector):
         )
         relists.add_metric([], sub.relists)
         yield relists
+        yield GaugeMetricFamily(
+            "weighbridge_proxy_in_sync",
+            "1 while the etcd watch is up and every set read is applied (health service "
+            "weighbridge.sync SERVING).",
+            value=int(in_sync(sub, self.routes)),
+        )
+        failures = CounterMetricFamily(
+            "weighbridge_proxy_backend_set_apply_failures",
+            "Backend sets (or deletions) that failed to apply, by reason: rejected (the set asks "
+            "for what this proxy cannot do), error (an unexpected exception: a bug).",
+            labels=["reason"],
+        )
+        unapplied = GaugeMetricFamily(
+            "weighbridge_proxy_backend_sets_unapplied",
+            "Services whose latest set (or deletion) is not applied (calls get the set applied "
+            "before), by reason of the last failure.",
+            labels=["reason"],
+        )
+        now = dict.fromkeys(APPLY_FAILURE_REASONS, 0)
+        for failure in self.routes.unapplied.values():
+            now[failure.reason] += 1
+        for reason in APPLY_FAILURE_REASONS:
+            failures.add_metric([reason], self.routes.apply_failures[reason])
+            unapplied.add_metric([reason], now[reason])
+        yield from (failures, unapplied)
+        crashes = CounterMetricFamily(
+            "weighbridge_proxy_subscription_failures",
+            "Times the etcd subscription failed (an unexpected exception) and started over.",
+        )
+        crashes.add_metric([], sub.failures)
+        yield crashes
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -91,8 +91,12 @@ async def test_compacted_revision_triggers_a_relist_and_nothing_is_missed(
                     await etcd.compact(latest)
                 return revision
 
+        def record(key: store.ServiceKey, backend_set: object, revision: int) -> bool:
+            applied[key] = backend_set
+            return True
+
         client = store.client(etcd_server.endpoint)
-        sub = Lagging(client, scheme, lambda k, s, r: applied.__setitem__(k, s))
+        sub = Lagging(client, scheme, record)  # type: ignore[arg-type]
         task = asyncio.create_task(sub.run())
         try:
             await eventually(lambda: _value(sub.relists), lambda n: n >= 1, what="a relist")
