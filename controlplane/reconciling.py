@@ -384,6 +384,7 @@ class Controller:
             return (), []
         namespace = service["metadata"]["namespace"]
         if not self.settings.routes_names_in(namespace):
+            self.log.info("grpc_services_not_routed", service=key, grpc_services=list(wanted))
             return (), [
                 AnnotationError(
                     "GrpcServicesNotRouted",

@@ -20,6 +20,8 @@ import yaml
 
 from controlplane.kube import Kube, KubeError
 from controlplane.main import build_parser as controller_parser
+from controlplane.main import settings_of as controller_settings_of
+from controlplane.settings import ControllerSettings
 from dataplane.main import build_parser as proxy_parser
 from devtools import testenv
 from tests.integration import kubeobjects as ko
@@ -114,6 +116,11 @@ def args_of(docs: list[dict[str, Any]], component: str) -> list[str]:
 
 def flag_names(args: list[str]) -> set[str]:
     return {a.partition("=")[0] for a in args}
+
+
+def controller_settings(args: list[str]) -> ControllerSettings:
+    """The settings the controller's arguments give it (ValueError for values it refuses)."""
+    return controller_settings_of(controller_parser().parse_args(args))
 
 
 SERVICEMONITOR_CRD = {
@@ -331,10 +338,12 @@ def test_set_values_become_flags_the_binaries_accept(helm: Path, tmp_path: Path)
         "proxy.maxConnectionAgeSeconds=300",
         "proxy.maxBackendConnections=2",
         "controller.workers=8",
+        "controller.grpcServiceNamespaces={payments,shop}",
     ]
     docs = render(helm, "default", sets)
     controller, proxy = args_of(docs, "controller"), args_of(docs, "proxy")
-    assert "--workers=8" in controller
+    assert {"--workers=8", "--grpc-service-namespaces=payments,shop"} <= set(controller)
+    assert controller_settings(controller).grpc_service_namespaces == ("payments", "shop")
     assert {"--threads=3", "--max-connection-age=300", "--max-backend-connections=2"} <= set(proxy)
     assert controller_parser().parse_args(controller).workers == 8
     parsed = proxy_parser().parse_args(proxy)
@@ -347,12 +356,15 @@ def test_set_values_become_flags_the_binaries_accept(helm: Path, tmp_path: Path)
     # From a values file numbers arrive as floats; 0 is a value (never), not "unset".
     values = tmp_path / "values.yaml"
     values.write_text(
-        "controller: {leaseTTL: 15, resyncSeconds: 600, logLevel: debug}\n"
+        "controller: {leaseTTL: 15, resyncSeconds: 600, logLevel: debug, grpcServiceNamespaces: []}\n"
         "proxy: {maxMessageBytes: 33554432, maxConnectionAgeSeconds: 0, logLevel: debug}\n"
     )
     docs = render(helm, "default", [], values)
     controller, proxy = args_of(docs, "controller"), args_of(docs, "proxy")
     assert {"--lease-ttl=15", "--resync=600", "--log-level=debug"} <= set(controller)
+    # An empty list is a value too: routing by gRPC service name off.
+    assert "--grpc-service-namespaces=" in controller
+    assert controller_settings(controller).grpc_service_namespaces == ()
     assert {"--max-message-bytes=33554432", "--max-connection-age=0", "--log-level=debug"} <= set(
         proxy
     )
@@ -371,6 +383,14 @@ def test_set_values_become_flags_the_binaries_accept(helm: Path, tmp_path: Path)
         (["proxy.workers=2"], "additional properties 'workers' not allowed"),
         (["proxy.threads=0"], "at '/proxy/threads': minimum: got 0, want 1"),
         (["controller.workers=0"], "at '/controller/workers': minimum: got 0, want 1"),
+        (
+            ["controller.grpcServiceNamespaces={Shop}"],
+            "at '/controller/grpcServiceNamespaces/0': 'Shop' does not match pattern",
+        ),
+        (
+            ["controller.grpcServiceNamespaces={*,shop}"],
+            "at '/controller/grpcServiceNamespaces': maxItems: got 2, want 1",
+        ),
         (
             ["proxy.maxBackendConnections=0"],
             "at '/proxy/maxBackendConnections': minimum: got 0, want 1",
