@@ -110,14 +110,14 @@ class EventRecorder:
                     body=event,
                     timeout=POST_TIMEOUT,
                 )
-            except KubeError as exc:
+            except Exception as exc:  # KubeError, or a reply it could not read: never stop
                 self.metrics.events.labels("failed").inc()
                 self._last.pop(dedup, None)  # the next report of it tries again
                 log.warning(
                     "event_not_recorded",
                     service=f"{involved['namespace']}/{involved['name']}",
                     reason=event["reason"],
-                    error=str(exc),
+                    error=repr(exc) if not isinstance(exc, KubeError) else str(exc),
                 )
             else:
                 self.metrics.events.labels("posted").inc()

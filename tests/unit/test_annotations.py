@@ -9,6 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.annotations import (
+    GRPC_SERVICES,
+    POLICIES,
+    PORT,
+    STRATEGY,
+    WEIGHTS,
     parse_grpc_services,
     parse_pod_weight,
     parse_policies,
@@ -328,17 +333,8 @@ def test_fuzz_selector_and_grpc_services(text: str) -> None:
         assert all(n.isascii() and n.isprintable() for n in names)  # type: ignore[attr-defined]
 
 
-SERVICE_ANNOTATIONS = [
-    "weighbridge.io/strategy",
-    "weighbridge.io/weights",
-    "weighbridge.io/port",
-    "weighbridge.io/grpc-services",
-    "weighbridge.io/retry",
-    "weighbridge.io/outlier-detection",
-    "weighbridge.io/health-check",
-    "weighbridge.io/panic-threshold",
-    "weighbridge.io/backend-tls",
-]
+SERVICE_ANNOTATIONS = [STRATEGY, WEIGHTS, PORT, GRPC_SERVICES, *POLICIES]
+"""Every Service annotation the controller reads, a policy added later included."""
 POLICY_TEMPLATES = st.sampled_from(
     [
         "{}",

@@ -24,7 +24,7 @@ class FakeKube:
         self.posted: list[dict[str, Any]] = []
         self.gate = asyncio.Event()
         self.gate.set()
-        self.error: KubeError | None = None
+        self.error: Exception | None = None
 
     async def request(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
         await self.gate.wait()
@@ -99,9 +99,12 @@ async def test_identical_events_are_posted_once_until_forgotten() -> None:
         assert event["source"]["component"] == "weighbridge-controller"
 
 
-async def test_a_failed_post_is_counted_and_tried_again_when_reported_again() -> None:
+@pytest.mark.parametrize("error", [KubeError("POST: 500", status=500), ValueError("not JSON")])
+async def test_a_failed_post_is_counted_and_tried_again_when_reported_again(
+    error: Exception,
+) -> None:
     async with recorder() as (events, kube):
-        kube.error = KubeError("POST: 500", status=500)
+        kube.error = error
         events.post(SERVICE, type_="Warning", reason="InvalidPort", message="no port")
         await until(lambda: count(events.metrics, "failed") == 1)
         kube.error = None
