@@ -247,7 +247,13 @@ async def test_tls_only_backends_reached_by_a_services_annotation(
 
             # A CA bundle this proxy does not have: the set is not applied, the last one stays.
             missing = {"backend-tls": canonical_option("backend-tls", "ca: shop-ca")}
-            await applied(proxy, await put(etcd, scheme, "round_robin", [b], options=missing))
+            revision = await put(etcd, scheme, "round_robin", [b], options=missing)
+
+            async def not_applied() -> int:
+                failure = proxy.routes.unapplied.get("default/echo")
+                return 0 if failure is None else int(failure.mod_revision)
+
+            await eventually(not_applied, lambda r: r == revision, what="the set rejected")
             async with channel(proxy) as ch:
                 with pytest.raises(grpc.aio.AioRpcError):
                     await ch.unary_unary("/test.Echo/Unary")(b"", timeout=5)
