@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable
@@ -103,13 +104,13 @@ class Subscription:
         """Loop time of the next retry, while some set read did not apply."""
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         backoff = 0.1
-        failure_delay = self.retry_first
+        failure_delay, last_failure = self.retry_first, -math.inf
         while True:
             try:
                 revision = await self._list()
                 backoff = 0.1
-                failure_delay = self.retry_first
                 await self._watch(revision + 1)
             except _RetryDue:
                 log.info("backend_sets_retried", services=sorted(self._unapplied))
@@ -130,6 +131,9 @@ class Subscription:
                 self.connected = False
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                if loop.time() - last_failure > 2 * self.retry_max:  # the first in a while
+                    failure_delay = self.retry_first
+                last_failure = loop.time()
                 delay = _jitter(failure_delay)
                 log.exception(
                     "subscription_failed",

@@ -225,19 +225,40 @@ async def test_a_set_that_does_not_apply_is_retried_while_the_others_and_later_c
         assert sub.connected
 
 
+@pytest.mark.parametrize("failing", ["a set", "the subscription"])
 async def test_retries_back_off_from_the_first_delay_to_the_longest(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
+    """While a set does not apply, or while the subscription itself keeps failing on it (an
+    applier that raises), the re-lists come further and further apart."""
     monkeypatch.setattr(subscription, "_jitter", lambda delay: delay)
     etcd = FakeEtcd(SCHEME)
     engine = FailingEngine()
     engine.failures[BAD] = RuntimeError("engine bug")
+    routes = Routes(engine)
+
+    def raising(key: ServiceKey, backend_set: BackendSet | None, revision: int) -> bool:
+        raise RuntimeError("applier bug")
+
     etcd.put(backend_set(BAD))
-    async with following(etcd, Routes(engine).apply, first=0.05, max=0.2):
+    sub = Subscription(
+        etcd,  # type: ignore[arg-type]
+        SCHEME,
+        routes.apply if failing == "a set" else raising,
+        retry_first=0.05,
+        retry_max=0.2,
+    )
+    task = asyncio.create_task(sub.run())
+    try:
         await until(lambda: len(etcd.lists) >= 6, "five retries", timeout=10)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
     gaps = [b - a for a, b in zip(etcd.lists, etcd.lists[1:], strict=False)][:5]
     for gap, expected in zip(gaps, [0.05, 0.1, 0.2, 0.2, 0.2], strict=True):
-        assert expected <= gap < expected + 0.1, gaps
+        assert expected <= gap < expected * 1.5 + 0.1, gaps
+    assert sub.failures == (0 if failing == "a set" else len(etcd.lists))
 
 
 async def test_a_relist_applies_only_what_changed_or_did_not_apply() -> None:
