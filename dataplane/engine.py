@@ -199,6 +199,16 @@ class Engine(Protocol):
         them)."""
         ...
 
+    def client_limits(self) -> dict[str, int]:
+        """How often client connections hit each limit (``handshake_timeout``,
+        ``max_connections``, ``idle_timeout``, ``rapid_reset``, …: docs/proxy.md)."""
+        ...
+
+    @property
+    def client_connections(self) -> int:
+        """Client connections open now."""
+        ...
+
     def thread_stats(self) -> list[ThreadStats]: ...
 
     def goaway(self) -> None:
@@ -206,6 +216,20 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """End everything at once."""
+
+
+def client_limits(settings: ProxySettings) -> weighbridge_native.ClientLimits:
+    """The engine's limits against hostile or broken clients, from ``settings``."""
+    return weighbridge_native.ClientLimits(
+        handshake_timeout_s=settings.client_handshake_timeout_s,
+        idle_timeout_s=settings.client_idle_timeout_s,
+        max_connections=settings.max_client_connections,
+        max_concurrent_streams=settings.client_max_concurrent_streams,
+        max_header_list_size=settings.client_max_header_list_size,
+        keepalive_time_s=settings.client_keepalive_time_s,
+        keepalive_timeout_s=settings.client_keepalive_timeout_s,
+        backend_stream_wait_s=settings.backend_stream_wait_s,
+    )
 
 
 class NativeEngine:
@@ -227,6 +251,7 @@ class NativeEngine:
             keepalive_time_s=settings.keepalive_time_s,
             keepalive_timeout_s=settings.keepalive_timeout_s,
             retry_buffer_bytes=settings.retry_buffer_bytes,
+            limits=client_limits(settings),
             tls=settings.engine_tls,
             seed=seed,
         )
@@ -248,6 +273,11 @@ class NativeEngine:
             ),
             health_check=failover.health_check.engine_args() if failover.health_check else None,
             panic_threshold=failover.panic_threshold.engine_args(),
+            stream_idle_timeout_s=(
+                self._settings.stream_idle_timeout_s
+                if failover.stream_idle_timeout_ms is None
+                else failover.stream_idle_timeout_ms / 1000
+            ),
             tls=(
                 self._settings.backend_tls(key, failover.backend_tls)
                 if failover.backend_tls
@@ -303,6 +333,13 @@ class NativeEngine:
 
     def tls_failures(self) -> dict[str, int]:
         return dict(self._engine.tls_failures())
+
+    def client_limits(self) -> dict[str, int]:
+        return dict(self._engine.client_limits())
+
+    @property
+    def client_connections(self) -> int:
+        return self._engine.client_connections
 
     def thread_stats(self) -> list[ThreadStats]:
         return [ThreadStats(*row) for row in self._engine.thread_counters()]

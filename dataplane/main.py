@@ -149,6 +149,70 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backend-client-key", metavar="PATH", help="its PEM private key")
     p.add_argument(
+        "--client-handshake-timeout",
+        type=float,
+        default=d.client_handshake_timeout_s,
+        metavar="SECONDS",
+        help="a client connection's time from accept to its TLS handshake and HTTP/2 preface "
+        "(%(default)s)",
+    )
+    p.add_argument(
+        "--client-idle-timeout",
+        type=float,
+        default=d.client_idle_timeout_s,
+        metavar="SECONDS",
+        help="GOAWAY to a client connection without calls this long; 0: never (%(default)s)",
+    )
+    p.add_argument(
+        "--max-client-connections",
+        type=positive_int,
+        default=d.max_client_connections,
+        help="client connections open at once; beyond, new ones are closed (%(default)s)",
+    )
+    p.add_argument(
+        "--client-max-concurrent-streams",
+        type=positive_int,
+        default=d.client_max_concurrent_streams,
+        help="calls open at once per client connection, advertised and enforced (%(default)s)",
+    )
+    p.add_argument(
+        "--client-max-header-list-size",
+        type=positive_int,
+        default=d.client_max_header_list_size,
+        metavar="BYTES",
+        help="largest request header list, advertised and enforced (%(default)s = 64 KiB)",
+    )
+    p.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=d.stream_idle_timeout_s,
+        metavar="SECONDS",
+        help="end a call on which no frame moved this long; 0: never; per Service with "
+        "weighbridge.io/stream-idle-timeout (%(default)s)",
+    )
+    p.add_argument(
+        "--client-keepalive-time",
+        type=float,
+        default=d.client_keepalive_time_s,
+        metavar="SECONDS",
+        help="PING each client connection this often; 0: never (%(default)s)",
+    )
+    p.add_argument(
+        "--client-keepalive-timeout",
+        type=float,
+        default=d.client_keepalive_timeout_s,
+        metavar="SECONDS",
+        help="close a client connection whose PING is unanswered this long (%(default)s)",
+    )
+    p.add_argument(
+        "--backend-stream-wait",
+        type=float,
+        default=d.backend_stream_wait_s,
+        metavar="SECONDS",
+        help="how long a call waits for a free stream on a saturated endpoint before trying "
+        "another (%(default)s)",
+    )
+    p.add_argument(
         "--max-message-bytes",
         type=positive_int,
         default=d.max_message_bytes,
@@ -190,6 +254,15 @@ def settings_of(args: argparse.Namespace) -> ProxySettings:
         keepalive_timeout_s=args.backend_keepalive_timeout,
         retry_buffer_bytes=args.retry_buffer_bytes,
         max_message_bytes=args.max_message_bytes,
+        client_handshake_timeout_s=args.client_handshake_timeout,
+        client_idle_timeout_s=args.client_idle_timeout,
+        max_client_connections=args.max_client_connections,
+        client_max_concurrent_streams=args.client_max_concurrent_streams,
+        client_max_header_list_size=args.client_max_header_list_size,
+        stream_idle_timeout_s=args.stream_idle_timeout,
+        client_keepalive_time_s=args.client_keepalive_time,
+        client_keepalive_timeout_s=args.client_keepalive_timeout,
+        backend_stream_wait_s=args.backend_stream_wait,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

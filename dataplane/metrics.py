@@ -171,7 +171,21 @@ class ProxyCollector(Collector):
         )
         for reason, n in self.engine.tls_failures().items():
             tls.add_metric([reason], n)
-        yield from (retries, exhausted, ejections, checks, dropped, tls)
+        limits = CounterMetricFamily(
+            "weighbridge_proxy_client_limit_hits",
+            "Client connections that hit a limit, by limit: handshake_timeout, invalid_preface, "
+            "max_connections, idle_timeout, keepalive_timeout, streams_refused (streams, not "
+            "connections), rapid_reset, flood, protocol_error (docs/proxy.md).",
+            labels=["limit"],
+        )
+        for limit, n in self.engine.client_limits().items():
+            limits.add_metric([limit], n)
+        connections = GaugeMetricFamily(
+            "weighbridge_proxy_client_connections",
+            "Client connections open now (at most --max-client-connections).",
+        )
+        connections.add_metric([], self.engine.client_connections)
+        yield from (retries, exhausted, ejections, checks, dropped, tls, limits, connections)
 
     def _engine(self) -> Iterator[Family]:
         counters = self.engine.counters()

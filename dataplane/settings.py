@@ -85,6 +85,43 @@ class ProxySettings:
     (``client-certificate: on`` in ``weighbridge.io/backend-tls``)."""
     backend_client_key: str | None = None
     """Its PEM private key."""
+    client_handshake_timeout_s: float = 10.0
+    """Seconds a client connection has, from accept, to finish its TLS handshake and send the
+    HTTP/2 preface; then it is closed. Envoy's and nginx's edge defaults are of this order (10
+    s, 60 s): a real client needs milliseconds, a connection that never speaks holds a file
+    descriptor and memory for nothing."""
+    client_idle_timeout_s: float = 3600.0
+    """Seconds a client connection may go without calls before it gets GOAWAY; 0: never. One
+    hour, as Envoy's edge guidance sets, so idle clients give back what they hold while a
+    client between bursts keeps its connection."""
+    max_client_connections: int = 10_000
+    """Client connections open at once on this proxy; beyond, a new connection is closed at
+    once (and counted). Bounds the memory and descriptors clients can take (about 30 KB each
+    while idle); a gRPC client opens one or a few, so 10,000 is far above real use."""
+    client_max_concurrent_streams: int = 1000
+    """Calls one client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS,
+    advertised and enforced: REFUSED_STREAM beyond). Envoy's edge guidance says 100 and nginx
+    128 for browsers at the edge; gRPC clients multiplex all their calls on one connection
+    and queue beyond the limit, so 1000 (at 2000 in flight it held less memory than 4096 and
+    answered sooner, docs/performance.md). Set 100 for a proxy facing the internet."""
+    client_max_header_list_size: int = 64 << 10
+    """Largest request header list (SETTINGS_MAX_HEADER_LIST_SIZE, names and values plus 32
+    bytes each, advertised and enforced: HTTP 431 beyond); 64 KiB, like Envoy's 60 KiB."""
+    stream_idle_timeout_s: float = 3600.0
+    """Seconds a call may go without a frame either way before the proxy ends it (UNAVAILABLE
+    to the client, the backend's stream reset); 0: never. Per Service with
+    ``weighbridge.io/stream-idle-timeout``. One hour, not Envoy's 5 minutes: gRPC streams (watches,
+    subscriptions) are often quiet for long, and a call's deadline is the client's to set."""
+    client_keepalive_time_s: float = 7200.0
+    """Seconds between PINGs to each client connection; 0: none. Two hours, gRPC servers'
+    default: a client that vanished without FIN or RST (node lost, NAT entry expired) is then
+    noticed and what it held freed."""
+    client_keepalive_timeout_s: float = 20.0
+    """A PING to a client unanswered this long closes its connection (gRPC servers' default)."""
+    backend_stream_wait_s: float = 10.0
+    """Seconds a call waits for a free stream on an endpoint whose connections all carry as many
+    calls as it allows (``max_backend_connections`` of them); then it goes to another endpoint
+    (a transparent retry) or fails UNAVAILABLE, rather than queueing without bound."""
     max_message_bytes: int = 16 << 20
     """Largest gRPC message either way: 16 MiB holds what real APIs send (gRPC's own default
     of 4 MiB is often raised) while bounding what one call can make the proxy forward."""
@@ -114,6 +151,27 @@ class ProxySettings:
                 raise ValueError(f"{name} must be > 0 s, not {value}")
         if not (self.keepalive_time_s >= 0 and math.isfinite(self.keepalive_time_s)):
             raise ValueError(f"backend keepalive time must be ≥ 0 s, not {self.keepalive_time_s}")
+        for name, value in (
+            ("client handshake timeout", self.client_handshake_timeout_s),
+            ("client keepalive timeout", self.client_keepalive_timeout_s),
+            ("backend stream wait", self.backend_stream_wait_s),
+        ):
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0 s, not {value}")
+        for name, value in (
+            ("client idle timeout", self.client_idle_timeout_s),
+            ("stream idle timeout", self.stream_idle_timeout_s),
+            ("client keepalive time", self.client_keepalive_time_s),
+        ):
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be ≥ 0 s, not {value}")
+        for name, count, minimum in (
+            ("max client connections", self.max_client_connections, 1),
+            ("client max concurrent streams", self.client_max_concurrent_streams, 1),
+            ("client max header list size", self.client_max_header_list_size, 1024),
+        ):
+            if not minimum <= count < 2**32:
+                raise ValueError(f"{name} must be from {minimum} to 2³²-1, not {count}")
         if self.retry_buffer_bytes < 1:
             raise ValueError(f"retry buffer bytes must be ≥ 1, not {self.retry_buffer_bytes}")
         if self.max_message_bytes < 1:

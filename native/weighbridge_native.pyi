@@ -2,6 +2,20 @@
 
 STRATEGIES: list[str]
 
+class ClientLimits:
+    def __init__(
+        self,
+        *,
+        handshake_timeout_s: float,
+        idle_timeout_s: float,
+        max_connections: int,
+        max_concurrent_streams: int,
+        max_header_list_size: int,
+        keepalive_time_s: float,
+        keepalive_timeout_s: float,
+        backend_stream_wait_s: float,
+    ) -> None: ...
+
 class Engine:
     def __init__(
         self,
@@ -17,6 +31,7 @@ class Engine:
         keepalive_time_s: float,
         keepalive_timeout_s: float,
         retry_buffer_bytes: int,
+        limits: ClientLimits,
         tls: tuple[str, str, str, list[str], bool, float] | None = None,
         seed: int | None = None,
     ) -> None: ...
@@ -33,6 +48,7 @@ class Engine:
         outlier: tuple[int, float, float, int] | None,
         health_check: tuple[str, float, float, int, int] | None,
         panic_threshold: int,
+        stream_idle_timeout_s: float,
         tls: tuple[str, str, str, str] | None = None,
     ) -> None: ...
     def remove(self, key: str) -> None: ...
@@ -50,6 +66,9 @@ class Engine:
     @property
     def events_dropped(self) -> int: ...
     def tls_failures(self) -> list[tuple[str, int]]: ...
+    def client_limits(self) -> list[tuple[str, int]]: ...
+    @property
+    def client_connections(self) -> int: ...
     def thread_counters(self) -> list[tuple[int, int, int]]: ...
     def goaway(self) -> None: ...
     def close(self) -> None: ...

@@ -1,10 +1,11 @@
 """Policies of a Service beyond its strategy: configured retries, outlier detection, active
-health checks, the panic threshold, and TLS to its backends.
+health checks, the panic threshold, TLS to its backends, and its stream idle timeout.
 
 This module is the one home of their defaults and of their text: the annotation syntax the
 controller parses (``weighbridge.io/retry``, ``…/outlier-detection``, ``…/health-check``,
-``…/panic-threshold``), and the canonical text it stores in ``BackendSet.options`` under the
-keys :data:`OPTION_KEYS`, which proxies parse again. ``format_*`` writes the canonical text and
+``…/panic-threshold``, ``…/backend-tls``, ``…/stream-idle-timeout``), and the canonical text
+it stores in ``BackendSet.options`` under the keys :data:`OPTION_KEYS`, which proxies parse
+again. ``format_*`` writes the canonical text and
 ``parse_*`` reads it back to an equal policy.
 
 Syntax of a policy's text: ``key: value`` entries, one per line or separated by ``;``, ``#``
@@ -35,7 +36,15 @@ OUTLIER_DETECTION: Final = "outlier-detection"
 HEALTH_CHECK: Final = "health-check"
 PANIC_THRESHOLD: Final = "panic-threshold"
 BACKEND_TLS: Final = "backend-tls"
-OPTION_KEYS: Final = (RETRY, OUTLIER_DETECTION, HEALTH_CHECK, PANIC_THRESHOLD, BACKEND_TLS)
+STREAM_IDLE_TIMEOUT: Final = "stream-idle-timeout"
+OPTION_KEYS: Final = (
+    RETRY,
+    OUTLIER_DETECTION,
+    HEALTH_CHECK,
+    PANIC_THRESHOLD,
+    BACKEND_TLS,
+    STREAM_IDLE_TIMEOUT,
+)
 """``BackendSet.options`` keys of the policies: the annotation names without ``weighbridge.io/``.
 An absent key means the policy's default."""
 
@@ -43,7 +52,11 @@ MAX_TEXT_LENGTH: Final = 4096
 """Longest policy text accepted; a policy needs a few dozen characters."""
 
 MAX_DURATION_MS: Final = 3_600_000
-"""Longest duration accepted anywhere (one hour): beyond it a value is a typo, not a policy."""
+"""Longest duration accepted (one hour): beyond it a value is a typo, not a policy; the stream
+idle timeout alone goes further (:data:`MAX_STREAM_IDLE_MS`)."""
+
+MAX_STREAM_IDLE_MS: Final = 7 * 24 * 3_600_000
+"""Longest stream idle timeout (a week): gRPC streams may rightly be quiet for hours."""
 
 STATUS_CODES: Final[Mapping[str, int]] = {
     "cancelled": 1,
@@ -410,8 +423,27 @@ def parse_panic_threshold(text: str) -> PanicThreshold:
     return PanicThreshold(percent=_parse_percent(None, entries[0]))
 
 
-def parse_duration(text: str) -> int:
-    """Go-like duration → whole milliseconds: ``250ms``, ``1.5s``, ``2m``, ``1m30s``, ``1h``."""
+def parse_stream_idle_timeout(text: str) -> int:
+    """``weighbridge.io/stream-idle-timeout``: a duration from 1s to a week (``30m``, ``6h``),
+    or ``off``; whole milliseconds, 0 for off."""
+    entries = _entries(text)
+    if len(entries) != 1:
+        raise ValueError(f"{text!r} is not one duration (like 30m or 6h) or off")
+    if entries[0] == "off":
+        return 0
+    ms = parse_duration(entries[0], maximum_ms=MAX_STREAM_IDLE_MS)
+    if ms < 1000:
+        raise ValueError(f"{entries[0]!r} is shorter than 1s")
+    return ms
+
+
+def format_stream_idle_timeout(ms: int) -> str:
+    return format_duration(ms) if ms else "off"
+
+
+def parse_duration(text: str, *, maximum_ms: int = MAX_DURATION_MS) -> int:
+    """Go-like duration → whole milliseconds: ``250ms``, ``1.5s``, ``2m``, ``1m30s``, ``1h``;
+    at most ``maximum_ms``."""
     if not _DURATION.fullmatch(text):
         raise ValueError(f"{text!r} is not a duration (like 250ms, 1s, 1.5s or 2m)")
     total = Fraction(0)
@@ -422,8 +454,8 @@ def parse_duration(text: str) -> int:
         total += value * _MS_PER_UNIT[unit]
     if total.denominator != 1:
         raise ValueError(f"{text!r} is not a whole number of milliseconds")
-    if total > MAX_DURATION_MS:
-        raise ValueError(f"{text!r} is longer than {format_duration(MAX_DURATION_MS)}")
+    if total > maximum_ms:
+        raise ValueError(f"{text!r} is longer than {format_duration(maximum_ms)}")
     return int(total)
 
 
@@ -607,6 +639,8 @@ class Failover:
     panic_threshold: PanicThreshold = PanicThreshold()
     backend_tls: BackendTls | None = None
     """None: plaintext h2c to the endpoints."""
+    stream_idle_timeout_ms: int | None = None
+    """None: the proxy's ``--stream-idle-timeout``; 0: none for this Service."""
 
 
 DEFAULTS: Final = Failover()
@@ -618,6 +652,7 @@ _CANONICAL: Final[Mapping[str, Callable[[str], str]]] = {
     HEALTH_CHECK: lambda text: format_health_check(parse_health_check(text)),
     PANIC_THRESHOLD: lambda text: format_panic_threshold(parse_panic_threshold(text)),
     BACKEND_TLS: lambda text: format_backend_tls(parse_backend_tls(text)),
+    STREAM_IDLE_TIMEOUT: lambda text: format_stream_idle_timeout(parse_stream_idle_timeout(text)),
 }
 
 
@@ -653,6 +688,9 @@ def failover_from_options(options: Mapping[str, str]) -> tuple[Failover, dict[st
         health_check=read(HEALTH_CHECK, parse_health_check, DEFAULTS.health_check),
         panic_threshold=read(PANIC_THRESHOLD, parse_panic_threshold, DEFAULTS.panic_threshold),
         backend_tls=read(BACKEND_TLS, parse_backend_tls, DEFAULTS.backend_tls),
+        stream_idle_timeout_ms=read(
+            STREAM_IDLE_TIMEOUT, parse_stream_idle_timeout, DEFAULTS.stream_idle_timeout_ms
+        ),
     )
     return failover, errors
 
@@ -666,6 +704,7 @@ __all__ = [
     "PANIC_THRESHOLD",
     "RETRY",
     "STATUS_CODES",
+    "STREAM_IDLE_TIMEOUT",
     "BackendTls",
     "Failover",
     "HealthCheck",
@@ -680,10 +719,12 @@ __all__ = [
     "format_outlier_detection",
     "format_panic_threshold",
     "format_retry",
+    "format_stream_idle_timeout",
     "parse_backend_tls",
     "parse_duration",
     "parse_health_check",
     "parse_outlier_detection",
     "parse_panic_threshold",
     "parse_retry",
+    "parse_stream_idle_timeout",
 ]

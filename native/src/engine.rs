@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::events::{Event, Events};
 use crate::health::{CheckArg, CheckPolicy, Health, OutlierArg, OutlierPolicy, Owner};
+use crate::limits::{ClientLimits, LimitCounters};
 use crate::pool::{Pool, Tuning};
 use crate::retry::{Budget, RetryArg, RetryPolicy, ServiceCounters};
 use crate::routing::{Policy, Route, Table, Target};
@@ -55,6 +56,9 @@ pub struct Shared {
     pub max_connection_age: Option<Duration>,
     /// TLS on the client port, if it serves TLS.
     pub tls: Option<Arc<ServerTls>>,
+    /// The client port's limits, and how often each was hit.
+    pub limits: ClientLimits,
+    pub limit_counters: LimitCounters,
 }
 
 impl Shared {
@@ -112,7 +116,7 @@ impl Engine {
     #[pyo3(signature = (
         fd, *, threads, max_message_bytes, eager, latency_bounds_ns, max_connection_age_s,
         max_backend_connections, handshake_timeout_s, keepalive_time_s, keepalive_timeout_s,
-        retry_buffer_bytes, tls=None, seed=None
+        retry_buffer_bytes, limits, tls=None, seed=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -127,6 +131,7 @@ impl Engine {
         keepalive_time_s: f64,
         keepalive_timeout_s: f64,
         retry_buffer_bytes: usize,
+        limits: PyRef<'_, ClientLimits>,
         tls: Option<TlsArg>,
         seed: Option<u64>,
     ) -> PyResult<Self> {
@@ -199,6 +204,8 @@ impl Engine {
             max_connection_age: (max_connection_age_s > 0.0)
                 .then(|| Duration::from_secs_f64(max_connection_age_s)),
             tls: tls.as_ref().map(|(t, _)| Arc::clone(t)),
+            limits: limits.clone(),
+            limit_counters: LimitCounters::default(),
         });
         if let Some((tls, every)) = tls {
             // Mounted Secrets change by a symlink swap: read the files again now and then.
@@ -284,7 +291,7 @@ impl Engine {
     /// when off. Raises ValueError for an unknown strategy, a weight of 0 or a bad setting.
     #[pyo3(signature = (
         key, strategy, endpoints, total, *, retry, outlier, health_check, panic_threshold,
-        tls=None
+        stream_idle_timeout_s, tls=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn apply(
@@ -297,6 +304,7 @@ impl Engine {
         outlier: Option<OutlierArg>,
         health_check: Option<CheckArg>,
         panic_threshold: u32,
+        stream_idle_timeout_s: f64,
         tls: Option<ClientTlsArg>,
     ) -> PyResult<()> {
         let invalid = |e: String| PyValueError::new_err(format!("Service {key}: {e}"));
@@ -314,6 +322,11 @@ impl Engine {
             } else {
                 return Err(invalid("panic threshold must be 0-100%".into()));
             },
+            stream_idle_timeout: Some(
+                Duration::try_from_secs_f64(stream_idle_timeout_s)
+                    .map_err(|_| invalid("stream idle timeout must be ≥ 0 s".into()))?,
+            )
+            .filter(|d| !d.is_zero()),
         };
         let check = health_check
             .map(CheckPolicy::from_arg)
@@ -565,6 +578,17 @@ impl Engine {
     /// `no_handshake` in time, `handshake_failed` (a refused client certificate among them).
     fn tls_failures(&self) -> Vec<(&'static str, u64)> {
         self.shared.counters.tls_failures()
+    }
+
+    /// [(limit, times a client connection hit it)]: see `limits::Limit`.
+    fn client_limits(&self) -> Vec<(&'static str, u64)> {
+        self.shared.limit_counters.snapshot()
+    }
+
+    /// Client connections open now, on all threads.
+    #[getter]
+    fn client_connections(&self) -> usize {
+        self.shared.limit_counters.connections.load(Relaxed)
     }
 
     /// (calls received, calls in flight, [(reason, calls the proxy ended itself)]).

@@ -123,6 +123,20 @@ const CODE_NAMES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
+/// The largest message to allow on a body with these headers: `limit` for gRPC
+/// (`content-type: application/grpc…`), none for anything else, whose body has no gRPC
+/// message framing to follow.
+pub fn message_limit(headers: &http::HeaderMap, limit: usize) -> usize {
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        limit
+    } else {
+        usize::MAX
+    }
+}
+
 /// Follows gRPC length-prefixed message boundaries through a byte stream, without copying,
 /// to enforce a largest message size.
 pub struct Meter {

@@ -6,6 +6,7 @@ mod engine;
 mod events;
 mod grpc;
 mod health;
+mod limits;
 mod pool;
 mod proxy;
 mod retry;
@@ -18,6 +19,7 @@ mod workers;
 #[pymodule]
 fn weighbridge_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::Engine>()?;
+    m.add_class::<limits::ClientLimits>()?;
     m.add("STRATEGIES", strategy::NAMES.to_vec())?;
     Ok(())
 }

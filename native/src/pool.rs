@@ -24,6 +24,7 @@
 //! close when the last of them lets go.
 
 use std::collections::HashMap;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -142,7 +143,11 @@ where
 
 /// The shared state of one backend connection.
 pub struct ConnState {
+    /// Streams admitted (sent or about to be).
     streams: AtomicUsize,
+    /// Calls waiting for a stream on it (all connections full), and their wake-up.
+    waiting: AtomicUsize,
+    freed: tokio::sync::Notify,
     /// Bumped by each frame the backend sends on a stream (keepalive sees silence by it).
     progress: AtomicU64,
     draining: AtomicBool,
@@ -164,11 +169,22 @@ impl Conn {
         self.usable() && self.state.streams.load(Relaxed) < self.sender.current_max_send_streams()
     }
 
+    /// A stream admitted now (whether or not the connection has room).
     fn lease(&self) -> Lease {
         self.state.streams.fetch_add(1, Relaxed);
         Lease {
             sender: self.sender.clone(),
-            stream: Stream(Arc::clone(&self.state)),
+            state: Arc::clone(&self.state),
+            stream: Some(Stream(Arc::clone(&self.state))),
+        }
+    }
+
+    /// A stream to admit once the connection has room (`Lease::admitted`).
+    fn queue(&self) -> Lease {
+        Lease {
+            sender: self.sender.clone(),
+            state: Arc::clone(&self.state),
+            stream: None,
         }
     }
 }
@@ -187,19 +203,59 @@ impl Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Relaxed);
+        if self.0.waiting.load(Relaxed) > 0 {
+            self.0.freed.notify_waiters();
+        }
     }
 }
 
-/// A connection to send one call's stream on.
+/// A connection to send one call's stream on: admitted at once when it had room, else once
+/// one of its streams ends.
 pub struct Lease {
     sender: SendRequest<Bytes>,
-    stream: Stream,
+    state: Arc<ConnState>,
+    stream: Option<Stream>,
 }
 
 impl Lease {
+    /// Waits until the connection has room for this call's stream (at once, unless every
+    /// connection to the endpoint was full), at most until `deadline`; false: still no room.
+    pub async fn admitted(&mut self, deadline: tokio::time::Instant) -> bool {
+        if self.stream.is_some() {
+            return true;
+        }
+        let state = &self.state;
+        state.waiting.fetch_add(1, Relaxed);
+        let admitted = loop {
+            let mut freed = pin!(state.freed.notified());
+            freed.as_mut().enable();
+            let max = self.sender.current_max_send_streams();
+            let open = state.streams.load(Relaxed);
+            if open < max
+                && state
+                    .streams
+                    .compare_exchange(open, open + 1, Relaxed, Relaxed)
+                    .is_ok()
+            {
+                break true;
+            }
+            if state.draining.load(Relaxed)
+                || tokio::time::timeout_at(deadline, freed).await.is_err()
+            {
+                break false;
+            }
+        };
+        state.waiting.fetch_sub(1, Relaxed);
+        if admitted {
+            self.stream = Some(Stream(Arc::clone(&self.state)));
+        }
+        admitted
+    }
+
     /// The connection's handle, and the stream's count to hold until the call is done.
+    /// Only once admitted.
     pub fn into_parts(self) -> (SendRequest<Bytes>, Stream) {
-        (self.sender, self.stream)
+        (self.sender, self.stream.expect("admitted"))
     }
 }
 
@@ -225,13 +281,16 @@ impl Slot {
         conns.iter().find(|c| c.has_room()).map(Conn::lease)
     }
 
-    /// The connection with the fewest streams, if any (its next call waits for a stream).
+    /// The connection with the fewest streams, if any: its next call waits for a stream.
     fn least_loaded(&self) -> Option<Lease> {
         self.conns()
             .iter()
             .filter(|c| c.usable())
-            .min_by_key(|c| c.state.streams.load(Relaxed))
-            .map(Conn::lease)
+            .min_by_key(|c| {
+                let s = &c.state;
+                s.streams.load(Relaxed) + s.waiting.load(Relaxed)
+            })
+            .map(Conn::queue)
     }
 }
 
@@ -401,6 +460,8 @@ impl Backend {
         .await?;
         let state = Arc::new(ConnState {
             streams: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
             progress: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         });

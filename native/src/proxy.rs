@@ -17,12 +17,13 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, Request, Response};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::engine::Shared;
 use crate::grpc::{self, Meter};
+use crate::limits::{self, Activity, Limit, PREMATURE_RESET_WITHIN};
 use crate::pool::Stream;
 use crate::retry::{self, RetryPolicy};
 use crate::routing::{Route, Target};
@@ -32,10 +33,11 @@ use crate::workers::{self, WorkerCounters};
 pub const STREAM_WINDOW: u32 = 1 << 20;
 /// 8 MiB, not 16: 1 MiB messages moved at least as fast with less memory (docs/performance.md).
 pub const CONNECTION_WINDOW: u32 = 8 << 20;
-/// Streams a client may open at once on one connection. 1000, not 4096: at 2000 calls in
-/// flight on one connection the proxy held 4.6 MB less and answered with a lower median, the
-/// excess waiting at the client instead of inside the proxy (docs/performance.md, tuning).
-const MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// After a connection is refused (a bad preface, say), what the client sent is read and
+/// dropped for at most this long and this many bytes, so that closing the socket sends FIN
+/// (the client reads the end of the connection) rather than RST over unread data.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 << 10;
 
 /// Accepts client connections on this thread until told to stop.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -43,6 +45,14 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((sock, _)) => {
+                    let open = &shared.limit_counters.connections;
+                    if open.fetch_add(1, Relaxed) >= shared.limits.max_connections {
+                        // Full: closed at once, so the socket costs nothing while it waits.
+                        open.fetch_sub(1, Relaxed);
+                        shared.limit_counters.hit(Limit::MaxConnections);
+                        drop(sock);
+                        continue;
+                    }
                     tokio::spawn(serve_socket(Arc::clone(&shared), sock, stop.clone()));
                 }
                 // Out of file descriptors and the like: pause rather than spin.
@@ -53,12 +63,13 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::
     }
 }
 
-/// Counts a client connection open on this thread for as long as it lives.
-struct Open<'a>(&'a WorkerCounters);
+/// Counts a client connection open, on its thread and on the proxy, for as long as it lives.
+struct Open<'a>(&'a Shared, &'a WorkerCounters);
 
 impl Drop for Open<'_> {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
+        self.1.open.fetch_sub(1, Relaxed);
+        self.0.limit_counters.connections.fetch_sub(1, Relaxed);
     }
 }
 
@@ -70,46 +81,77 @@ fn age_deadline(age: Option<Duration>) -> Option<tokio::time::Instant> {
 
 /// The first byte of a TLS connection (a handshake record).
 const TLS_HANDSHAKE: u8 = 0x16;
-/// A client has this long to send its first byte and finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One accepted socket: TLS when the port serves TLS (plaintext h2c too if allowed, told apart
-/// by the first byte), then HTTP/2.
-async fn serve_socket(shared: Arc<Shared>, sock: TcpStream, stop: watch::Receiver<bool>) {
-    let _ = sock.set_nodelay(true);
-    let Some(tls) = shared.tls.as_ref() else {
-        return serve_connection(shared, sock, stop).await;
-    };
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, sock.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
-        Ok(Ok(1)) if tls.allow_h2c => return serve_connection(shared, sock, stop).await,
-        Ok(Ok(1)) => return shared.counters.tls_failed(TlsFailure::Plaintext),
-        _ => return shared.counters.tls_failed(TlsFailure::NoHandshake),
-    }
-    let acceptor = tls.acceptor();
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
-        Ok(Ok(stream)) => serve_connection(shared, stream, stop).await,
-        _ => shared.counters.tls_failed(TlsFailure::HandshakeFailed),
-    }
-}
-
-async fn serve_connection<T>(shared: Arc<Shared>, io: T, mut stop: watch::Receiver<bool>)
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
+/// by the first byte), then HTTP/2. The TLS handshake and the HTTP/2 preface together must
+/// come within the handshake timeout.
+async fn serve_socket(shared: Arc<Shared>, mut sock: TcpStream, stop: watch::Receiver<bool>) {
     let counters = &shared.workers[workers::current()];
     counters.connections.fetch_add(1, Relaxed);
     counters.open.fetch_add(1, Relaxed);
-    let _open = Open(counters);
+    let _open = Open(&shared, counters);
+    let _ = sock.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
+    let Some(tls) = shared.tls.as_ref() else {
+        return serve_connection(&shared, &mut sock, deadline, stop).await;
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, sock.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+        Ok(Ok(1)) if tls.allow_h2c => {
+            return serve_connection(&shared, &mut sock, deadline, stop).await
+        }
+        Ok(Ok(1)) => return shared.counters.tls_failed(TlsFailure::Plaintext),
+        Ok(_) => return shared.counters.tls_failed(TlsFailure::NoHandshake),
+        Err(_) => return shared.limit_counters.hit(Limit::HandshakeTimeout),
+    }
+    let acceptor = tls.acceptor();
+    match tokio::time::timeout_at(deadline, acceptor.accept(sock)).await {
+        Ok(Ok(mut stream)) => serve_connection(&shared, &mut stream, deadline, stop).await,
+        Ok(Err(_)) => shared.counters.tls_failed(TlsFailure::HandshakeFailed),
+        Err(_) => shared.limit_counters.hit(Limit::HandshakeTimeout),
+    }
+}
+
+/// HTTP/2 on `io` until the connection ends. `io` is borrowed so that a connection refused
+/// before HTTP/2 begins can still be closed cleanly.
+async fn serve_connection<T>(
+    shared: &Arc<Shared>,
+    io: &mut T,
+    deadline: tokio::time::Instant,
+    mut stop: watch::Receiver<bool>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = &shared.limits;
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .handshake::<_, Bytes>(io);
-    let Ok(mut conn) = handshake.await else {
-        return;
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .handshake::<_, Bytes>(&mut *io);
+    let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(conn)) => conn,
+        failed => {
+            let timed_out = failed.is_err();
+            drop(failed); // gives `io` back
+            if timed_out {
+                return shared.limit_counters.hit(Limit::HandshakeTimeout);
+            }
+            // Not HTTP/2 (a bad preface): end the connection with FIN, as RFC 9113 § 3.4 asks.
+            shared.limit_counters.hit(Limit::InvalidPreface);
+            return linger(io).await;
+        }
     };
+    let state = Arc::new(limits::Connection::new());
+    let mut pings = limits.keepalive_time.and(conn.ping_pong());
+    let mut ping_at = limits
+        .keepalive_time
+        .map(|t| tokio::time::Instant::now() + t);
+    let mut pong_by: Option<tokio::time::Instant> = None;
+    let mut idle_at = limits.idle_timeout.and_then(|t| state.idle_deadline(t));
+    // The next stream id the client may open: ids skipped were answered by h2 itself.
+    let mut next_id: u32 = 1;
     let mut stopping = false;
     let old_at = age_deadline(shared.max_connection_age);
     loop {
@@ -120,10 +162,34 @@ where
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    counters.calls.fetch_add(1, Relaxed);
-                    tokio::spawn(call(Arc::clone(&shared), request, respond));
+                    let id: u32 = respond.stream_id().into();
+                    if id > next_id {
+                        shared.limit_counters.add(Limit::StreamsRefused, u64::from((id - next_id) / 2));
+                    }
+                    next_id = id.saturating_add(2);
+                    if !stopping && state.rapid_reset() {
+                        stopping = true;
+                        shared.limit_counters.hit(Limit::RapidReset);
+                        conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                        continue;
+                    }
+                    counters_for(shared).calls.fetch_add(1, Relaxed);
+                    tokio::spawn(call(Arc::clone(shared), Arc::clone(&state), request, respond));
                 }
-                _ => return,
+                Some(Err(e)) => {
+                    if e.is_library() || !e.is_remote() {
+                        let limit = match e.reason() {
+                            Some(Reason::ENHANCE_YOUR_CALM) => Some(Limit::Flood),
+                            Some(Reason::NO_ERROR) | None => None,
+                            Some(_) => Some(Limit::ProtocolError),
+                        };
+                        if let Some(limit) = limit {
+                            shared.limit_counters.hit(limit);
+                        }
+                    }
+                    return;
+                }
+                None => return,
             },
             changed = stop.changed(), if !stopping => {
                 if changed.is_err() {
@@ -138,8 +204,64 @@ where
                 stopping = true;
                 conn.graceful_shutdown();
             }
+            // Without calls for the idle timeout: GOAWAY (checked again if calls came since).
+            () = sleep_until_or_never(idle_at), if !stopping && idle_at.is_some() => {
+                let idle = limits.idle_timeout.expect("idle timer set");
+                match state.idle_deadline(idle) {
+                    Some(at) if at <= tokio::time::Instant::now() => {
+                        stopping = true;
+                        shared.limit_counters.hit(Limit::IdleTimeout);
+                        conn.graceful_shutdown();
+                    }
+                    Some(at) => idle_at = Some(at),
+                    None => idle_at = Some(tokio::time::Instant::now() + idle),
+                }
+            }
+            () = sleep_until_or_never(ping_at), if pings.is_some() && pong_by.is_none() => {
+                let sent = pings.as_mut().map(|p| p.send_ping(h2::Ping::opaque()));
+                if !matches!(sent, Some(Ok(()))) {
+                    return;
+                }
+                pong_by = Some(tokio::time::Instant::now() + limits.keepalive_timeout);
+            }
+            pong = poll_fn(|cx| match pings.as_mut() {
+                Some(p) => p.poll_pong(cx),
+                None => Poll::Pending,
+            }), if pong_by.is_some() => {
+                if pong.is_err() {
+                    return;
+                }
+                pong_by = None;
+                ping_at = limits.keepalive_time.map(|t| tokio::time::Instant::now() + t);
+            }
+            () = sleep_until_or_never(pong_by), if pong_by.is_some() => {
+                // The client is gone without a word (no FIN, no RST): free what it held.
+                shared.limit_counters.hit(Limit::KeepaliveTimeout);
+                return;
+            }
         }
     }
+}
+
+fn counters_for(shared: &Shared) -> &WorkerCounters {
+    &shared.workers[workers::current()]
+}
+
+/// Ends a connection refused before HTTP/2: FIN, then what the client still sends is read and
+/// dropped (bounded) so that closing does not turn into RST.
+async fn linger<T: AsyncRead + AsyncWrite + Unpin>(io: &mut T) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = io.shutdown().await;
+        let mut buf = [0u8; 4096];
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
 }
 
 async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
@@ -217,6 +339,8 @@ enum Try {
     Status(http::response::Parts, u32),
     /// No response headers within the per-try timeout.
     TimedOut,
+    /// The endpoint had no free stream within the wait (it is saturated): try another.
+    Busy(String),
     Failed(Fail, Verdict),
 }
 
@@ -229,8 +353,15 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn call(shared: Arc<Shared>, request: Request<RecvStream>, respond: SendResponse<Bytes>) {
-    let started = Instant::now();
+async fn call(
+    shared: Arc<Shared>,
+    conn: Arc<limits::Connection>,
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) {
+    // Made first: its start is the call's.
+    let activity = Activity::new();
+    let _call = conn.call();
     shared.counters.calls.fetch_add(1, Relaxed);
     shared.counters.in_flight.fetch_add(1, Relaxed);
     let _in_flight = InFlight(&shared);
@@ -238,7 +369,7 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, respond: SendRe
         respond,
         stream: None,
     };
-    let (head, body) = request.into_parts();
+    let (mut head, body) = request.into_parts();
     let authority = head.uri.authority().map_or("", |a| a.as_str());
     let route = match shared.route(authority, head.uri.path()) {
         Ok((route, _)) => route,
@@ -248,17 +379,21 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, respond: SendRe
             return;
         }
     };
+    strip_own_headers(&mut head.headers);
     let timeout = head
         .headers
         .get("grpc-timeout")
         .and_then(|v| grpc::parse_timeout(v.as_bytes()));
     let mut last = None;
-    let serving = serve_call(&shared, &route, head, body, &mut front, &mut last, started);
-    let outcome = match timeout {
-        None => serving.await,
-        Some(limit) => match tokio::time::timeout(limit, serving).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(Fail::Local(
+    let serving = serve_call(
+        &shared, &route, head, body, &mut front, &mut last, &activity,
+    );
+    let deadline = timeout.map(|limit| tokio::time::Instant::now() + limit);
+    let outcome = tokio::select! {
+        outcome = serving => outcome,
+        () = sleep_until_or_never(deadline), if deadline.is_some() => {
+            let limit = timeout.expect("deadline set");
+            Err(Fail::Local(
                 LocalError::DeadlineExceeded,
                 grpc::DEADLINE_EXCEEDED,
                 format!(
@@ -269,16 +404,54 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, respond: SendRe
                         route.targets[i].who
                     ))
                 ),
-            )),
-        },
+            ))
+        }
+        () = idle_or_never(&activity, route.policy.stream_idle_timeout) => {
+            let idle = route.policy.stream_idle_timeout.expect("idle timeout set");
+            Err(Fail::Local(
+                LocalError::StreamIdleTimeout,
+                grpc::UNAVAILABLE,
+                format!(
+                    "weighbridge: nothing moved on the call for {}s, the stream idle timeout \
+                     of Service {}",
+                    idle.as_secs_f64(),
+                    route.key
+                ),
+            ))
+        }
     };
     match outcome {
-        Ok(_) | Err(Fail::ClientGone) => {}
+        Ok(_) => {}
+        Err(Fail::ClientGone) => {
+            if front.stream.is_none() && activity.started().elapsed() < PREMATURE_RESET_WITHIN {
+                conn.premature_reset();
+            }
+        }
         Err(Fail::Local(reason, code, message)) => {
             shared.counters.error(reason);
             front.fail(code, &message);
         }
         Err(Fail::Reset(reason)) => front.reset(reason),
+    }
+}
+
+/// Headers under `x-weighbridge-` are the proxy's own: what a client sends under that prefix
+/// is never trusted nor passed on to backends.
+fn strip_own_headers(headers: &mut HeaderMap) {
+    const OWN: &str = "x-weighbridge-";
+    let is_own = |name: &http::HeaderName| name.as_str().starts_with(OWN);
+    if headers.keys().any(is_own) {
+        let own: Vec<http::HeaderName> = headers.keys().filter(|n| is_own(n)).cloned().collect();
+        for name in own {
+            headers.remove(name);
+        }
+    }
+}
+
+async fn idle_or_never(activity: &Activity, idle: Option<Duration>) {
+    match idle {
+        Some(idle) => activity.idle_for(idle).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -291,13 +464,16 @@ async fn serve_call(
     body: RecvStream,
     front: &mut Front,
     last: &mut Option<usize>,
-    started: Instant,
+    activity: &Activity,
 ) -> Result<bool, Fail> {
     let retry = route.policy.retry.as_ref();
     if retry.is_some() {
-        route.budget.deposit(retry::now_s(started));
+        route
+            .budget
+            .deposit(retry::now_s(activity.started().into_std()));
     }
-    let mut body = RequestBody::new(body, shared);
+    let limit = grpc::message_limit(&head.headers, shared.max_message_bytes);
+    let mut body = RequestBody::new(body, shared, limit, activity);
     let (mut transparent, mut tries, mut avoid) = (0u32, 0u32, None);
     loop {
         let i = route.pick(avoid).map_err(|message| {
@@ -319,7 +495,7 @@ async fn serve_call(
         stats.requests.fetch_add(1, Relaxed);
         stats.in_flight.fetch_add(1, Relaxed);
         let began = Instant::now();
-        let outcome = try_once(shared, target, request, &mut body, front, per_try).await;
+        let outcome = try_once(shared, target, request, &mut body, front, per_try, activity).await;
         stats.in_flight.fetch_sub(1, Relaxed);
         stats.observe(
             &shared.bounds_ns,
@@ -332,7 +508,7 @@ async fn serve_call(
                 why,
                 endpoint_failed: true,
             } => &Verdict::Bad(why.clone()),
-            Try::Unprocessed { .. } => &Verdict::Neutral,
+            Try::Unprocessed { .. } | Try::Busy(_) => &Verdict::Neutral,
             Try::Status(_, code) if *code == grpc::UNAVAILABLE => {
                 &Verdict::Bad("answered UNAVAILABLE".into())
             }
@@ -366,6 +542,19 @@ async fn serve_call(
                 };
                 return Err(Fail::Local(
                     reason,
+                    grpc::UNAVAILABLE,
+                    format!("weighbridge: {}: {why}", target.who),
+                ));
+            }
+            Try::Busy(why) => {
+                if transparent < retry::TRANSPARENT_RETRIES && body.whole() {
+                    transparent += 1;
+                    route.counters.transparent_retries.fetch_add(1, Relaxed);
+                    avoid = Some(i);
+                    continue;
+                }
+                return Err(Fail::Local(
+                    LocalError::BackendBusy,
                     grpc::UNAVAILABLE,
                     format!("weighbridge: {}: {why}", target.who),
                 ));
@@ -447,9 +636,10 @@ async fn try_once(
     shared: &Shared,
     target: &Target,
     request: Request<()>,
-    body: &mut RequestBody,
+    body: &mut RequestBody<'_>,
     front: &mut Front,
     per_try: Option<Duration>,
+    activity: &Activity,
 ) -> Try {
     let lost = |e: String| {
         Try::Failed(
@@ -461,9 +651,8 @@ async fn try_once(
             Verdict::Bad(e),
         )
     };
-    // `stream` counts the stream on its connection until this try is done.
-    let (sender, stream) = match target.backend.sender().await {
-        Ok(lease) => lease.into_parts(),
+    let mut lease = match target.backend.sender().await {
+        Ok(lease) => lease,
         Err(why) => {
             return Try::Unprocessed {
                 why,
@@ -471,8 +660,35 @@ async fn try_once(
             }
         }
     };
+    // Every connection to the endpoint full: wait (bounded) for one of their streams to end,
+    // unless the client gives up first.
+    let wait = shared.limits.backend_stream_wait;
+    let admitted = {
+        let mut admitting = pin!(lease.admitted(tokio::time::Instant::now() + wait));
+        poll_fn(|cx| {
+            if front.respond.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            admitting.as_mut().poll(cx).map(Some)
+        })
+        .await
+    };
+    match admitted {
+        Some(true) => {}
+        Some(false) => {
+            return Try::Busy(format!(
+                "no free stream within {}s (--backend-stream-wait): its connections all carry \
+                 as many calls as it allows",
+                wait.as_secs_f64()
+            ))
+        }
+        None => return Try::Failed(Fail::ClientGone, Verdict::Neutral),
+    }
+    // `stream` counts the stream on its connection until this try is done.
+    let (sender, stream) = lease.into_parts();
     let mut sender_ready = pin!(sender.ready());
-    // Waiting for a stream slot on the backend: the client may give up meanwhile.
+    // The connection takes the stream once the previous one is sent: the client may give up
+    // meanwhile.
     let ready = poll_fn(|cx| {
         if front.respond.poll_reset(cx).is_ready() {
             return Poll::Ready(None);
@@ -496,7 +712,6 @@ async fn try_once(
         Err(e) => return refused(e),
     };
     let committed = AtomicBool::new(false);
-    let limit = shared.max_message_bytes;
 
     // The request runs until the client's half ends, alongside everything below.
     let mut request_done = body.empty;
@@ -556,7 +771,9 @@ async fn try_once(
         },
     };
     stream.progressed();
+    activity.touch();
     let (head, mut downstream_body) = response.into_parts();
+    let limit = grpc::message_limit(&head.headers, shared.max_message_bytes);
     let response_ends = downstream_body.is_end_stream();
     if response_ends {
         // Trailers-Only: the status is in these headers.
@@ -581,7 +798,13 @@ async fn try_once(
 
     // Phase 2: the response body and trailers, while the request may still be streaming.
     let trailers = {
-        let mut response_pipe = pin!(pipe(&mut downstream_body, downstream, limit, Some(&stream)));
+        let mut response_pipe = pin!(pipe(
+            &mut downstream_body,
+            downstream,
+            limit,
+            &stream,
+            activity
+        ));
         loop {
             tokio::select! {
                 r = &mut request_pipe, if !request_done => {
@@ -636,7 +859,7 @@ async fn try_once(
 
 /// The client's request body, kept (up to the retry buffer) until the response begins, so
 /// that a try that did not reach a backend, or that a retry policy retries, can be sent again.
-struct RequestBody {
+struct RequestBody<'a> {
     body: RecvStream,
     /// The request ended with its headers.
     empty: bool,
@@ -648,11 +871,13 @@ struct RequestBody {
     /// All that the client sent so far is in `kept`.
     whole: bool,
     meter: Meter,
+    activity: &'a Activity,
 }
 
-impl RequestBody {
-    fn new(body: RecvStream, shared: &Shared) -> Self {
+impl<'a> RequestBody<'a> {
+    fn new(body: RecvStream, shared: &Shared, limit: usize, activity: &'a Activity) -> Self {
         RequestBody {
+            activity,
             empty: body.is_end_stream(),
             body,
             kept: Vec::new(),
@@ -660,7 +885,7 @@ impl RequestBody {
             limit: shared.retry_buffer_bytes,
             ended: None,
             whole: true,
-            meter: Meter::new(shared.max_message_bytes),
+            meter: Meter::new(limit),
         }
     }
 
@@ -703,6 +928,7 @@ impl RequestBody {
                 body.poll_data(cx).map(Ok)
             })
             .await?;
+            self.activity.touch();
             let data = match next {
                 Some(Ok(data)) => data,
                 Some(Err(e)) => return Err(src_gone(e)),
@@ -786,13 +1012,14 @@ async fn send_all(dst: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), Pi
     Ok(())
 }
 
-/// Forwards DATA from `src` to `dst` until `src` ends; returns its trailers, if any. Each
-/// frame from a backend marks its connection alive (`progress`).
+/// Forwards DATA from `src` (a backend) to `dst` until `src` ends; returns its trailers, if
+/// any. Each frame marks the backend's connection alive (`progress`) and the call too.
 async fn pipe(
     src: &mut RecvStream,
     dst: &mut SendStream<Bytes>,
     limit: usize,
-    progress: Option<&Stream>,
+    progress: &Stream,
+    activity: &Activity,
 ) -> Result<Option<HeaderMap>, PipeError> {
     let mut meter = Meter::new(limit);
     loop {
@@ -809,9 +1036,8 @@ async fn pipe(
             Some(Err(e)) => return Err(src_gone(e)),
             None => break,
         };
-        if let Some(p) = progress {
-            p.progressed();
-        }
+        progress.progressed();
+        activity.touch();
         if let Some(size) = meter.feed(&data) {
             return Err(PipeError::TooBig(size));
         }

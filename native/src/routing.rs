@@ -8,6 +8,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::health::{Health, OutlierPolicy};
 use crate::pool::Backend;
@@ -46,6 +47,8 @@ pub struct Policy {
     pub outlier: Option<OutlierPolicy>,
     /// Percent: when fewer of the endpoints can take calls, calls spread over all of them.
     pub panic_threshold: u32,
+    /// A call on which nothing moved this long is ended; None: never.
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 pub struct Route {
@@ -269,6 +272,7 @@ mod tests {
                 retry: None,
                 outlier: None,
                 panic_threshold,
+                stream_idle_timeout: None,
             },
             budget: Arc::default(),
             counters,

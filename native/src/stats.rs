@@ -55,10 +55,14 @@ pub enum LocalError {
     DeadlineExceeded,
     RetryBudgetExhausted,
     PerTryTimeout,
+    /// No free stream on the backend within the wait (`--backend-stream-wait`).
+    BackendBusy,
+    /// Nothing moved on the call for the stream idle timeout.
+    StreamIdleTimeout,
 }
 
 impl LocalError {
-    pub const ALL: [LocalError; 9] = [
+    pub const ALL: [LocalError; 11] = [
         LocalError::NoRoute,
         LocalError::NoBackend,
         LocalError::ConnectFailed,
@@ -68,6 +72,8 @@ impl LocalError {
         LocalError::DeadlineExceeded,
         LocalError::RetryBudgetExhausted,
         LocalError::PerTryTimeout,
+        LocalError::BackendBusy,
+        LocalError::StreamIdleTimeout,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +87,8 @@ impl LocalError {
             LocalError::DeadlineExceeded => "deadline_exceeded",
             LocalError::RetryBudgetExhausted => "retry_budget_exhausted",
             LocalError::PerTryTimeout => "per_try_timeout",
+            LocalError::BackendBusy => "backend_busy",
+            LocalError::StreamIdleTimeout => "stream_idle_timeout",
         }
     }
 }
@@ -90,9 +98,9 @@ impl LocalError {
 pub enum TlsFailure {
     /// Plaintext on a port that serves TLS only.
     Plaintext,
-    /// Nothing (or EOF) before the handshake timeout.
+    /// The connection ended before its first byte (a timeout counts as the handshake timeout).
     NoHandshake,
-    /// The handshake failed or timed out: a refused client certificate or identity, no common
+    /// The handshake failed: a refused client certificate or identity, no common
     /// version or cipher suite, a client that does not trust the proxy's certificate.
     HandshakeFailed,
 }

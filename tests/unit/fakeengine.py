@@ -94,6 +94,13 @@ class FakeEngine:
     def tls_failures(self) -> dict[str, int]:
         return {}
 
+    def client_limits(self) -> dict[str, int]:
+        return {}
+
+    @property
+    def client_connections(self) -> int:
+        return 0
+
     def events(self) -> list[EndpointEvent]:
         if self.closed:
             raise RuntimeError("the engine is closed")

@@ -15,13 +15,20 @@ from dataplane.engine import (
     NativeEngine,
     NoBackendError,
     NoRouteError,
+    client_limits,
 )
 from dataplane.settings import ProxySettings
 from dataplane.strategies import configure
 from weighbridge.keys import ServiceKey
 from weighbridge.model import BackendSet, Endpoint
 
-NO_FAILOVER = {"retry": None, "outlier": None, "health_check": None, "panic_threshold": 0}
+NO_FAILOVER = {
+    "retry": None,
+    "outlier": None,
+    "health_check": None,
+    "panic_threshold": 0,
+    "stream_idle_timeout_s": 0.0,
+}
 
 
 @pytest.fixture
@@ -155,6 +162,7 @@ def test_bad_engine_settings_are_refused() -> None:
             "keepalive_time_s": 1.0,
             "keepalive_timeout_s": 1.0,
             "retry_buffer_bytes": 1,
+            "limits": client_limits(ProxySettings()),
         }
         with pytest.raises(ValueError, match="threads must be at least 1"):
             weighbridge_native.Engine(
@@ -170,3 +178,42 @@ def test_bad_engine_settings_are_refused() -> None:
                 max_connection_age_s=-1.0,
                 **common,  # type: ignore[arg-type]
             )
+
+
+def test_client_limits_refuse_what_would_disable_them() -> None:
+    good = {
+        "handshake_timeout_s": 10.0,
+        "idle_timeout_s": 0.0,  # 0: off
+        "max_connections": 1,
+        "max_concurrent_streams": 1,
+        "max_header_list_size": 1024,
+        "keepalive_time_s": 0.0,  # 0: off
+        "keepalive_timeout_s": 1.0,
+        "backend_stream_wait_s": 1.0,
+    }
+    weighbridge_native.ClientLimits(**good)  # type: ignore[arg-type]
+    for key, bad, message in (
+        ("handshake_timeout_s", 0.0, "handshake_timeout_s must be > 0"),
+        ("max_connections", 0, "max_connections must be at least 1"),
+        ("max_concurrent_streams", 0, "max_concurrent_streams must be at least 1"),
+        ("max_header_list_size", 1023, "at least 1024 bytes"),
+        ("keepalive_timeout_s", float("nan"), "keepalive_timeout_s must be a number"),
+        ("backend_stream_wait_s", -1.0, "backend_stream_wait_s must be a number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            weighbridge_native.ClientLimits(**{**good, key: bad})  # type: ignore[arg-type]
+
+
+def test_proxy_settings_refuse_bad_limits() -> None:
+    for field, bad in (
+        ("client_handshake_timeout_s", 0.0),
+        ("client_idle_timeout_s", -1.0),
+        ("max_client_connections", 0),
+        ("client_max_concurrent_streams", 2**32),
+        ("client_max_header_list_size", 100),
+        ("stream_idle_timeout_s", float("inf")),
+        ("client_keepalive_time_s", float("nan")),
+        ("backend_stream_wait_s", 0.0),
+    ):
+        with pytest.raises(ValueError, match="must be"):
+            ProxySettings(**{field: bad})  # type: ignore[arg-type]
