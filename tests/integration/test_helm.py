@@ -23,6 +23,7 @@ from controlplane.main import build_parser as controller_parser
 from controlplane.main import settings_of as controller_settings_of
 from controlplane.settings import ControllerSettings
 from dataplane.main import build_parser as proxy_parser
+from dataplane.main import settings_of as proxy_settings_of
 from devtools import testenv
 from tests.integration import kubeobjects as ko
 from tests.integration.conftest import Cluster, eventually, running_controller, stored_set
@@ -372,10 +373,42 @@ def test_set_values_become_flags_the_binaries_accept(helm: Path, tmp_path: Path)
     proxy_parser().parse_args(proxy)
 
 
+def test_client_limits_become_proxy_flags(helm: Path, tmp_path: Path) -> None:
+    """Each limit against hostile clients is a chart value that reaches the proxy's settings."""
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "proxy:\n"
+        "  clientHandshakeTimeoutSeconds: 5\n"
+        "  clientIdleTimeoutSeconds: 0\n"
+        "  maxClientConnections: 2000\n"
+        "  clientMaxConcurrentStreams: 100\n"
+        "  clientMaxHeaderListSize: 32768\n"
+        "  streamIdleTimeoutSeconds: 21600\n"
+        "  clientKeepaliveTimeSeconds: 600\n"
+        "  clientKeepaliveTimeoutSeconds: 10\n"
+        "  backendStreamWaitSeconds: 2.5\n"
+    )
+    proxy = args_of(render(helm, "default", [], values), "proxy")
+    settings = proxy_settings_of(proxy_parser().parse_args(proxy))
+    assert (
+        settings.client_handshake_timeout_s,
+        settings.client_idle_timeout_s,
+        settings.max_client_connections,
+        settings.client_max_concurrent_streams,
+        settings.client_max_header_list_size,
+        settings.stream_idle_timeout_s,
+        settings.client_keepalive_time_s,
+        settings.client_keepalive_timeout_s,
+        settings.backend_stream_wait_s,
+    ) == (5, 0, 2000, 100, 32768, 21600, 600, 10, 2.5)
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
         (["proxy.replica=3"], "additional properties 'replica' not allowed"),
+        (["proxy.clientMaxHeaderListSize=100"], "minimum: got 100, want 1,024"),
+        (["proxy.clientHandshakeTimeoutSeconds=0"], "exclusiveMinimum"),
         (["etcd.mode=external"], "minItems: got 0, want 1"),
         (["proxy.kind=StatefulSet"], "value must be one of 'Deployment', 'DaemonSet'"),
         (["etcd.bundled.replicas=2"], "value must be one of 1, 3"),

@@ -327,3 +327,32 @@ def test_options_absent_keys_are_defaults_and_bad_keys_keep_theirs() -> None:
     assert failover.panic_threshold == PanicThreshold(percent=20)
     assert list(errors) == ["health-check"]
     assert "interval: 1ms" in errors["health-check"]
+
+
+def test_stream_idle_timeout_reads_durations_up_to_a_week_and_off() -> None:
+    from weighbridge.policy import format_stream_idle_timeout, parse_stream_idle_timeout
+
+    assert parse_stream_idle_timeout("6h") == 6 * 3_600_000
+    assert parse_stream_idle_timeout("90s") == 90_000
+    assert parse_stream_idle_timeout(" off ") == 0
+    assert parse_stream_idle_timeout("168h") == 7 * 24 * 3_600_000
+    for text in ("6h", "90m", "off", "1s"):
+        assert format_stream_idle_timeout(parse_stream_idle_timeout(text)) == text
+    for text, message in (
+        ("500ms", "'500ms' is shorter than 1s"),
+        ("169h", "is longer than 168h"),
+        ("forever", "not a duration"),
+        ("1h; 2h", "not one duration"),
+        ("", "nothing given"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_stream_idle_timeout(text)
+
+
+def test_the_stream_idle_timeout_option_defaults_to_the_proxys() -> None:
+    failover, errors = failover_from_options({})
+    assert failover.stream_idle_timeout_ms is None and not errors
+    failover, errors = failover_from_options({"stream-idle-timeout": "off"})
+    assert failover.stream_idle_timeout_ms == 0
+    failover, errors = failover_from_options({"stream-idle-timeout": "soon"})
+    assert failover.stream_idle_timeout_ms is None and "stream-idle-timeout" in errors
