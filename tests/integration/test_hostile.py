@@ -408,11 +408,13 @@ async def test_rapid_reset_ends_in_goaway(
                 await raw.read(0.005)
             goaway = await raw.until(lambda e: isinstance(e, h2.events.ConnectionTerminated))
         assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM  # type: ignore[attr-defined]
-        assert sent <= 1000, f"GOAWAY after {sent} resets"
+        # The proxy ends it after 100 premature resets (the rule's minimum), a few more in
+        # flight.
+        assert sent <= 300, f"GOAWAY after {sent} resets"
         hit = limits(proxy)
         assert hit["rapid_reset"] + hit["flood"] == 1
         opened = sum(s.requests for s in proxy.engine.stats())
-        assert opened <= 300, f"{opened} backend streams opened for the flood"
+        assert opened <= 200, f"{opened} backend streams opened for the flood"
         async with channel(proxy) as ch:
             assert await who(ch) == "a"
 
