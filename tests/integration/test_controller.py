@@ -323,7 +323,7 @@ async def test_bad_pod_weights_affect_only_their_pods_and_the_set_follows_its_sl
         for message in pod_weight_problems(events).values():
             assert "the pod gets the default weight 1" in message
             assert len(message) < 300  # the 5,000 digits are not all quoted
-        assert all(e["type"] == "Warning" for e in events)
+        assert all(e["type"] == "Warning" for e in events if e["reason"] == "InvalidPodWeight")
         assert (
             metric(
                 controller,
@@ -592,10 +592,14 @@ async def test_routing_by_name_only_in_the_namespaces_the_controller_allows(
             lambda evs: any(e["reason"] == "GrpcServicesNotRouted" for e in evs),
             what="GrpcServicesNotRouted Event",
         )
-        assert "--grpc-service-namespaces" in events[0]["message"]
+        (not_routed,) = (e for e in events if e["reason"] == "GrpcServicesNotRouted")
+        assert "--grpc-service-namespaces" in not_routed["message"]
         if allowed == "off":
-            mine_events = await k8s.events("svc")
-            assert [e["reason"] for e in mine_events] == ["GrpcServicesNotRouted"]
+            await eventually(
+                lambda: k8s.events("svc"),
+                lambda evs: any(e["reason"] == "GrpcServicesNotRouted" for e in evs),
+                what="GrpcServicesNotRouted Event in the other namespace too",
+            )
 
 
 async def test_deleted_or_opted_out_service_loses_its_key_and_stale_keys_go_at_start(
