@@ -8,7 +8,8 @@ can check what went through the proxy. Request metadata steers it:
 Backend-wide: ``fail`` answers every call at once with that status and no response headers
 (Trailers-Only, as a failing gRPC server does); ``health`` serves ``grpc.health.v1`` whose
 status tests set; ``options`` are gRPC server options (e.g. ``grpc.max_connection_age_ms``);
-``tls`` serves TLS only, with these server credentials.
+``tls`` serves TLS only, with these server credentials; ``delay`` seconds pass before every
+call's response headers (a slow backend).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class EchoBackend:
     health: Any = None
     options: tuple[tuple[str, Any], ...] = ()
     tls: grpc.ServerCredentials | None = None
+    delay: float = 0.0
 
     @property
     def hostport(self) -> str:
@@ -93,6 +95,8 @@ class _Handler(grpc.GenericRpcHandler):
             md = {m.key: m.value for m in context.invocation_metadata() or ()}
             seen = Seen(md, context.time_remaining())
             b.seen.append(seen)
+            if b.delay:
+                await asyncio.sleep(b.delay)
             await context.send_initial_metadata(
                 (
                     ("x-backend", b.name),

@@ -18,7 +18,14 @@ from weighbridge.errors import DecodeError
 from weighbridge.keys import ServiceKey, service_key
 from weighbridge.v1 import backend_set_pb2 as pb
 
-STRATEGIES: Final = ("round_robin", "random", "weighted_round_robin", "weighted_random")
+STRATEGIES: Final = (
+    "round_robin",
+    "random",
+    "weighted_round_robin",
+    "weighted_random",
+    "least_request",
+    "peak_ewma",
+)
 """Strategy names every proxy of this version understands."""
 
 MAX_WEIGHT: Final = 2**32 - 1
@@ -97,7 +104,9 @@ class BackendSet:
         return tuple(e for e in self.endpoints if e.eligible)
 
     def probabilities(self) -> dict[str, Fraction]:
-        """Exact share of new requests per endpoint (``host:port``) under this set's strategy."""
+        """Exact share of new requests per endpoint (``host:port``) under this set's strategy
+        (for the load-aware ones, least_request and peak_ewma: while every endpoint has the
+        same latency and load per weight)."""
         eligible = self.eligible
         if not eligible:
             return {}

@@ -17,7 +17,14 @@ from typing import Final
 
 import structlog
 
-from dataplane.strategies import randompick, roundrobin, weightedrandom, weightedroundrobin
+from dataplane.strategies import (
+    leastrequest,
+    peakewma,
+    randompick,
+    roundrobin,
+    weightedrandom,
+    weightedroundrobin,
+)
 from dataplane.strategies.strategy import Strategy
 from weighbridge.model import BackendSet
 from weighbridge.policy import DEFAULTS, Failover, failover_from_options
@@ -26,7 +33,7 @@ log = structlog.get_logger(__name__)
 
 REGISTRY: Final[dict[str, Strategy]] = {
     m.STRATEGY.name: m.STRATEGY
-    for m in (roundrobin, randompick, weightedroundrobin, weightedrandom)
+    for m in (roundrobin, randompick, weightedroundrobin, weightedrandom, leastrequest, peakewma)
 }
 """Strategy name → its description; the same names as the model's and the engine's."""
 

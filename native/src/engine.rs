@@ -479,7 +479,7 @@ impl Engine {
             .ok_or_else(|| PyLookupError::new_err(format!("no backend set for Service {key}")))?;
         let (i, mut why) = route
             .picker
-            .explain()
+            .explain(&**route)
             .map_err(|m| PyLookupError::new_err(m.to_string()))?;
         let target = &route.targets[i];
         if let Some((state, reason)) = target.unavailable() {

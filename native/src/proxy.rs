@@ -651,6 +651,7 @@ async fn try_once(
             Verdict::Bad(e),
         )
     };
+    let began = Instant::now();
     let mut lease = match target.backend.sender().await {
         Ok(lease) => lease,
         Err(why) => {
@@ -772,6 +773,7 @@ async fn try_once(
     };
     stream.progressed();
     activity.touch();
+    target.stats.rtt.observe(began.elapsed());
     let (head, mut downstream_body) = response.into_parts();
     let limit = grpc::message_limit(&head.headers, shared.max_message_bytes);
     let response_ends = downstream_body.is_end_stream();

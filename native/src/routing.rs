@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use crate::health::{Health, OutlierPolicy};
 use crate::pool::Backend;
 use crate::retry::{Budget, RetryPolicy, ServiceCounters};
 use crate::stats::Stats;
-use crate::strategy::Picker;
+use crate::strategy::{Load, Picker};
 
 pub struct Target {
     pub backend: Arc<Backend>,
@@ -64,13 +65,31 @@ pub struct Route {
     pub counters: Arc<ServiceCounters>,
 }
 
+/// What the load-aware strategies read: this proxy's calls in flight to each endpoint of the
+/// Service, and their latency estimates.
+impl Load for Route {
+    #[inline]
+    fn in_flight(&self, i: usize) -> u64 {
+        self.targets[i].stats.in_flight.load(Relaxed).max(0) as u64
+    }
+
+    #[inline]
+    fn latency_ns(&self, i: usize) -> f64 {
+        self.targets[i].stats.rtt.estimate_ns()
+    }
+
+    fn name(&self, i: usize) -> &str {
+        &self.targets[i].backend.hostport
+    }
+}
+
 impl Route {
     /// The endpoint for this call: the strategy's pick among the endpoints that can take it,
     /// avoiding `avoid` (where the call just failed) when another can. Skipping keeps each
     /// strategy's proportions among the rest (a rotation moves on, a random draw is drawn
     /// again). Below the panic threshold, the pick is the strategy's among all endpoints.
     pub fn pick(&self, avoid: Option<usize>) -> Result<usize, String> {
-        let first = self.picker.pick()?;
+        let first = self.picker.pick(self)?;
         if Some(first) != avoid && self.targets[first].available() {
             return Ok(first); // the usual case: one pick, two loads
         }
@@ -83,7 +102,7 @@ impl Route {
         }
         // A rotation reaches every endpoint within n picks; a weighted one almost surely.
         for _ in 0..n.max(4) {
-            let i = self.picker.pick()?;
+            let i = self.picker.pick(self)?;
             if usable(i) {
                 return Ok(i);
             }

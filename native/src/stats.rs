@@ -4,7 +4,11 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::strategy::Ewma;
+
 pub struct Stats {
+    /// Peak EWMA of the time to response headers (peak_ewma picks by it).
+    pub rtt: Ewma,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub in_flight: AtomicI64,
@@ -15,6 +19,7 @@ pub struct Stats {
 impl Stats {
     pub fn new(bounds: usize) -> Self {
         Stats {
+            rtt: Ewma::default(),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),

@@ -9,29 +9,49 @@
 //! Python (dataplane/strategies) validates a set and hands over the strategy name and the
 //! weights; the rule of each strategy lives here only.
 
+mod least_request;
+mod peak_ewma;
 mod random;
 mod round_robin;
+mod two_choices;
 mod weighted_random;
 mod weighted_round_robin;
 
+pub use least_request::LeastRequest;
+pub use peak_ewma::{Ewma, PeakEwma};
 pub use random::Random;
 pub use round_robin::RoundRobin;
 pub use weighted_random::WeightedRandom;
 pub use weighted_round_robin::WeightedRoundRobin;
 
 /// The strategies this engine executes, by the names the backend-set contract uses.
-pub const NAMES: [&str; 4] = [
+pub const NAMES: [&str; 6] = [
     round_robin::NAME,
     random::NAME,
     weighted_round_robin::NAME,
     weighted_random::NAME,
+    least_request::NAME,
+    peak_ewma::NAME,
 ];
+
+/// What the load-aware strategies read of endpoint `i` (an index into the set's eligible
+/// endpoints) when they pick.
+pub trait Load {
+    /// Calls in flight to it from this proxy.
+    fn in_flight(&self, i: usize) -> u64;
+    /// Its latency estimate (peak EWMA of the time to response headers), in ns.
+    fn latency_ns(&self, i: usize) -> f64;
+    /// HOST:PORT, for explanations.
+    fn name(&self, i: usize) -> &str;
+}
 
 pub enum Picker {
     RoundRobin(RoundRobin),
     Random(Random),
     WeightedRoundRobin(WeightedRoundRobin),
     WeightedRandom(WeightedRandom),
+    LeastRequest(LeastRequest),
+    PeakEwma(PeakEwma),
     /// Every pick fails with this message (a set with no eligible endpoint).
     Fail(String),
 }
@@ -66,30 +86,36 @@ impl Picker {
             weighted_round_robin::NAME => {
                 Picker::WeightedRoundRobin(WeightedRoundRobin::new(weights, start))
             }
+            least_request::NAME => Picker::LeastRequest(LeastRequest::new(weights)),
+            peak_ewma::NAME => Picker::PeakEwma(PeakEwma::new(weights)),
             _ => Picker::WeightedRandom(WeightedRandom::new(weights)),
         })
     }
 
-    /// The index of the endpoint for this call.
+    /// The index of the endpoint for this call; `load` is read by the load-aware strategies.
     #[inline]
-    pub fn pick(&self) -> Result<usize, &str> {
+    pub fn pick(&self, load: &dyn Load) -> Result<usize, &str> {
         match self {
             Picker::RoundRobin(p) => Ok(p.pick()),
             Picker::Random(p) => Ok(p.pick()),
             Picker::WeightedRoundRobin(p) => Ok(p.pick()),
             Picker::WeightedRandom(p) => Ok(p.pick()),
+            Picker::LeastRequest(p) => Ok(p.pick(load)),
+            Picker::PeakEwma(p) => Ok(p.pick(load)),
             Picker::Fail(message) => Err(message),
         }
     }
 
     /// The endpoint the next pick would take and why, without changing any state (random
     /// strategies draw one to show).
-    pub fn explain(&self) -> Result<(usize, String), &str> {
+    pub fn explain(&self, load: &dyn Load) -> Result<(usize, String), &str> {
         match self {
             Picker::RoundRobin(p) => Ok(p.explain()),
             Picker::Random(p) => Ok(p.explain()),
             Picker::WeightedRoundRobin(p) => Ok(p.explain()),
             Picker::WeightedRandom(p) => Ok(p.explain()),
+            Picker::LeastRequest(p) => Ok(p.explain(load)),
+            Picker::PeakEwma(p) => Ok(p.explain(load)),
             Picker::Fail(message) => Err(message),
         }
     }
@@ -99,13 +125,50 @@ impl Picker {
 mod tests {
     use super::*;
 
+    /// Loads fixed by a test: in flight and latency per endpoint, named 10.0.0.I:1.
+    pub struct Fixed {
+        in_flight: Vec<u64>,
+        latency: Vec<f64>,
+        names: Vec<String>,
+    }
+
+    impl Fixed {
+        pub fn new(in_flight: &[u64], latency: &[f64]) -> Self {
+            Fixed {
+                in_flight: in_flight.to_vec(),
+                latency: latency.to_vec(),
+                names: (0..in_flight.len())
+                    .map(|i| format!("10.0.0.{i}:1"))
+                    .collect(),
+            }
+        }
+
+        pub fn idle(n: usize) -> Self {
+            Fixed::new(&vec![0; n], &vec![1e6; n])
+        }
+    }
+
+    impl Load for Fixed {
+        fn in_flight(&self, i: usize) -> u64 {
+            self.in_flight[i]
+        }
+        fn latency_ns(&self, i: usize) -> f64 {
+            self.latency[i]
+        }
+        fn name(&self, i: usize) -> &str {
+            &self.names[i]
+        }
+    }
+
     #[test]
     fn unknown_strategies_and_zero_weights_are_refused() {
         let e = Picker::build("teleport", &[1], 0, String::new())
             .err()
             .unwrap();
         assert!(e.contains("unknown strategy \"teleport\""), "{e}");
-        assert!(e.contains("round_robin, random, weighted_round_robin, weighted_random"));
+        assert!(e.contains(
+            "round_robin, random, weighted_round_robin, weighted_random, least_request, peak_ewma"
+        ));
         assert!(Picker::build("random", &[1, 0], 0, String::new()).is_err());
     }
 
@@ -113,8 +176,9 @@ mod tests {
     fn no_endpoints_fail_every_pick_with_the_message() {
         for name in NAMES {
             let p = Picker::build(name, &[], 3, "nothing to pick".into()).unwrap();
-            assert_eq!(p.pick(), Err("nothing to pick"));
-            assert_eq!(p.explain().err(), Some("nothing to pick"));
+            let load = Fixed::idle(0);
+            assert_eq!(p.pick(&load), Err("nothing to pick"));
+            assert_eq!(p.explain(&load).err(), Some("nothing to pick"));
         }
     }
 
@@ -122,9 +186,10 @@ mod tests {
     fn explain_names_the_next_pick_of_rotations() {
         for name in [round_robin::NAME, weighted_round_robin::NAME] {
             let p = Picker::build(name, &[3, 1, 2], 5, String::new()).unwrap();
+            let load = Fixed::idle(3);
             for _ in 0..20 {
-                let (next, _) = p.explain().unwrap();
-                assert_eq!(p.pick(), Ok(next), "{name}");
+                let (next, _) = p.explain(&load).unwrap();
+                assert_eq!(p.pick(&load), Ok(next), "{name}");
             }
         }
     }

@@ -9,7 +9,12 @@ import weighbridge_native
 from dataplane.strategies import REGISTRY, configure
 from weighbridge.model import STRATEGIES, BackendSet, Endpoint
 
-WEIGHTED = {"weighted_round_robin": True, "weighted_random": True}
+WEIGHTED = {
+    "weighted_round_robin": True,
+    "weighted_random": True,
+    "least_request": True,
+    "peak_ewma": True,
+}
 
 
 def test_the_model_the_configuration_and_the_engine_know_the_same_strategies() -> None:
