@@ -48,6 +48,19 @@ def local_errors(proxy: Any) -> dict[str, int]:
     return proxy.engine.counters().local_errors  # type: ignore[no-any-return]
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, **settings: Any
+) -> AsyncIterator[tuple[Any, EchoBackend]]:
+    """A proxy with these settings in front of one echo backend "a", its set applied."""
+    async with (
+        echo_backends("a") as (a,),
+        running_proxy(etcd_server.endpoint, scheme, **settings) as proxy,
+    ):
+        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+        yield proxy, a
+
+
 class RawH2:
     """An HTTP/2 client that sends what it is told, however wrong, and records what it gets."""
 
@@ -114,11 +127,7 @@ async def test_connections_that_never_speak_are_closed_after_the_handshake_timeo
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
     settings = {"client_handshake_timeout_s": 1.0}
-    async with (
-        echo_backends("a") as (a,),
-        running_proxy(etcd_server.endpoint, scheme, **settings) as proxy,
-    ):
-        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+    async with serving(etcd, scheme, etcd_server, **settings) as (proxy, _):
         silent = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(50)]
         async with channel(proxy) as ch:
             assert await who(ch) == "a"  # served while the silent ones wait
@@ -156,11 +165,7 @@ async def test_an_invalid_preface_is_answered_with_a_clean_close(
 async def test_connections_beyond_the_maximum_are_closed_at_once(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
-    async with (
-        echo_backends("a") as (a,),
-        running_proxy(etcd_server.endpoint, scheme, max_client_connections=10) as proxy,
-    ):
-        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+    async with serving(etcd, scheme, etcd_server, max_client_connections=10) as (proxy, _):
         async with channel(proxy) as ch:
             assert await who(ch) == "a"  # one connection of the ten
             held = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(9)]
@@ -193,37 +198,31 @@ async def test_an_idle_connection_gets_goaway_and_its_client_reconnects(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
     async with (
-        echo_backends("a") as (a,),
-        running_proxy(etcd_server.endpoint, scheme, client_idle_timeout_s=1.0) as proxy,
+        serving(etcd, scheme, etcd_server, client_idle_timeout_s=1.0) as (proxy, _),
+        channel(proxy) as ch,
     ):
-        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
-        async with channel(proxy) as ch:
-            # A stream open for longer than the idle timeout: the connection is not idle.
-            bidi = ch.stream_stream("/test.Echo/Bidi")()
-            await bidi.write(b"x")
-            assert await bidi.read() == b"a:x"
-            await asyncio.sleep(2.0)
-            assert limits(proxy)["idle_timeout"] == 0
-            await bidi.done_writing()
-            assert await bidi.code() == grpc.StatusCode.OK
-            # Now without calls: GOAWAY after about a second.
-            await eventually(
-                lambda: _async(limits(proxy)["idle_timeout"]),
-                lambda n: n == 1,
-                timeout=5,
-                what="GOAWAY to the idle connection",
-            )
-            assert await who(ch) == "a", "the client reconnects and is served"
+        # A stream open for longer than the idle timeout: the connection is not idle.
+        bidi = ch.stream_stream("/test.Echo/Bidi")()
+        await bidi.write(b"x")
+        assert await bidi.read() == b"a:x"
+        await asyncio.sleep(2.0)
+        assert limits(proxy)["idle_timeout"] == 0
+        await bidi.done_writing()
+        assert await bidi.code() == grpc.StatusCode.OK
+        # Now without calls: GOAWAY after about a second.
+        await eventually(
+            lambda: _async(limits(proxy)["idle_timeout"]),
+            lambda n: n == 1,
+            timeout=5,
+            what="GOAWAY to the idle connection",
+        )
+        assert await who(ch) == "a", "the client reconnects and is served"
 
 
 async def test_streams_beyond_the_advertised_limit_are_refused(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
-    async with (
-        echo_backends("a") as (a,),
-        running_proxy(etcd_server.endpoint, scheme, client_max_concurrent_streams=5) as proxy,
-    ):
-        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+    async with serving(etcd, scheme, etcd_server, client_max_concurrent_streams=5) as (proxy, a):
         async with RawH2(proxy.port) as raw:
             limit = raw.conn.remote_settings.max_concurrent_streams
             assert limit == 5, "advertised"
@@ -264,11 +263,7 @@ async def test_a_header_list_over_the_limit_is_refused(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
     settings = {"client_max_header_list_size": 4096}
-    async with (
-        echo_backends("a") as (a,),
-        running_proxy(etcd_server.endpoint, scheme, **settings) as proxy,
-    ):
-        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+    async with serving(etcd, scheme, etcd_server, **settings) as (proxy, a):
         async with RawH2(proxy.port) as raw:
             assert raw.conn.remote_settings.max_header_list_size == 4096, "advertised"
             big = raw.conn.get_next_available_stream_id()
@@ -292,11 +287,7 @@ async def test_a_client_that_stops_answering_pings_is_closed(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
     settings = {"client_keepalive_time_s": 0.5, "client_keepalive_timeout_s": 0.5}
-    async with (
-        echo_backends("a") as (a,),
-        running_proxy(etcd_server.endpoint, scheme, **settings) as proxy,
-    ):
-        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+    async with serving(etcd, scheme, etcd_server, **settings) as (proxy, _):
         # A peer that completed the handshake, then went silent (its host vanished, say):
         # it never reads, so it never answers a PING.
         sock = socket.create_connection(("127.0.0.1", proxy.port))
@@ -383,11 +374,7 @@ async def test_a_call_waits_a_bounded_time_for_a_saturated_backend(
 async def test_rapid_reset_ends_in_goaway(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
-    async with (
-        echo_backends("a") as (a,),
-        running_proxy(etcd_server.endpoint, scheme) as proxy,
-    ):
-        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+    async with serving(etcd, scheme, etcd_server) as (proxy, _):
         sent = 0
         async with RawH2(proxy.port) as raw:
             # HEADERS then RST_STREAM at once (CVE-2023-44487), ten pairs per write, until
@@ -431,11 +418,7 @@ def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
 async def test_a_continuation_flood_ends_in_goaway_within_a_few_frames(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
-    async with (
-        echo_backends("a") as (a,),
-        running_proxy(etcd_server.endpoint, scheme) as proxy,
-    ):
-        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+    async with serving(etcd, scheme, etcd_server) as (proxy, a):
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(PREFACE + frame(4, 0, 0, b""))
         # A header block that never ends: HEADERS without END_HEADERS, then CONTINUATION
@@ -461,11 +444,7 @@ async def test_a_continuation_flood_ends_in_goaway_within_a_few_frames(
 async def test_client_headers_under_the_proxys_prefix_never_reach_backends(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
-    async with (
-        echo_backends("a") as (a,),
-        running_proxy(etcd_server.endpoint, scheme) as proxy,
-    ):
-        await applied(proxy, await put(etcd, scheme, "round_robin", [a]))
+    async with serving(etcd, scheme, etcd_server) as (proxy, a):
         async with channel(proxy) as ch:
             md = (
                 ("x-weighbridge-endpoint", "evil-pod"),

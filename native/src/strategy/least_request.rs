@@ -42,7 +42,7 @@ impl LeastRequest {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::Fixed;
+    use super::super::tests::{share_of_first, Fixed};
     use super::*;
 
     #[test]
@@ -50,15 +50,14 @@ mod tests {
         // Equal load: shares follow the weights (the draws), whichever wins ties.
         let p = LeastRequest::new(&[3, 1]);
         let idle = Fixed::new(&[0, 0], &[0.0, 0.0]);
-        let n = 40_000;
-        let first = (0..n).filter(|_| p.pick(&idle) == 0).count() as f64 / n as f64;
+        let first = share_of_first(|| p.pick(&idle));
         assert!((first - 0.75).abs() < 0.02, "{first}");
         // Endpoint 0 with 4 in flight for weight 3 against 1 for weight 1: 4/3 > 1/1, so
         // endpoint 1 wins every pair; with 3 against 1 they tie, and the draws decide again.
         let busy = Fixed::new(&[4, 1], &[0.0, 0.0]);
         assert!((0..1000).all(|_| p.pick(&busy) == 1));
         let even = Fixed::new(&[3, 1], &[0.0, 0.0]);
-        let first = (0..n).filter(|_| p.pick(&even) == 0).count() as f64 / n as f64;
+        let first = share_of_first(|| p.pick(&even));
         assert!((first - 0.75).abs() < 0.02, "{first}");
     }
 

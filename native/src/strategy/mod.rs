@@ -148,6 +148,12 @@ mod tests {
         }
     }
 
+    /// The share of 40,000 picks that went to endpoint 0.
+    pub fn share_of_first(pick: impl Fn() -> usize) -> f64 {
+        let n = 40_000;
+        (0..n).filter(|_| pick() == 0).count() as f64 / f64::from(n)
+    }
+
     impl Load for Fixed {
         fn in_flight(&self, i: usize) -> u64 {
             self.in_flight[i]

@@ -121,15 +121,14 @@ impl Ewma {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::Fixed;
+    use super::super::tests::{share_of_first, Fixed};
     use super::*;
 
     #[test]
     fn equal_latency_and_load_follow_the_weights() {
         let p = PeakEwma::new(&[3, 1]);
         let load = Fixed::new(&[0, 0], &[2e6, 2e6]);
-        let n = 40_000;
-        let first = (0..n).filter(|_| p.pick(&load) == 0).count() as f64 / n as f64;
+        let first = share_of_first(|| p.pick(&load));
         assert!((first - 0.75).abs() < 0.02, "{first}");
     }
 
