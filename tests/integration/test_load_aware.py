@@ -47,27 +47,23 @@ async def shares(ch: grpc.aio.Channel, calls: int, concurrency: int) -> collecti
     return counts
 
 
-@pytest.mark.parametrize("strategy", ["least_request", "peak_ewma"])
-async def test_at_equal_load_the_shares_are_the_weights(
-    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, strategy: str
+async def test_at_equal_load_least_request_follows_the_weights(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
+    """One call at a time: every pick sees both endpoints idle, so the weighted draws decide.
+    (peak_ewma compares latencies too, which differ by chance between equal backends: its
+    equal-estimate case is the engine's unit test.)"""
     async with (
         backends(0, 0) as bes,
         running_proxy(etcd_server.endpoint, scheme, seed=3) as proxy,
         channel(proxy) as ch,
     ):
-        await applied(proxy, await put(etcd, scheme, strategy, bes, [3, 1]))
+        await applied(proxy, await put(etcd, scheme, "least_request", bes, [3, 1]))
         n = 1200
-        # One call at a time: every pick sees both endpoints idle.
         counts = collections.Counter([await who(ch) for _ in range(n)])
         p = 3 / 4
         sigma = (n * p * (1 - p)) ** 0.5
-        if strategy == "least_request":
-            assert abs(counts["a"] - n * p) < 5 * sigma, counts
-        else:
-            # Equal backends still differ by a little in latency: peak_ewma prefers the
-            # faster, so only the direction is stated: neither is starved.
-            assert min(counts.values()) > n * 0.05, counts
+        assert abs(counts["a"] - n * p) < 5 * sigma, counts
 
 
 @pytest.mark.parametrize("strategy", ["least_request", "peak_ewma"])
