@@ -60,7 +60,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -176,8 +176,15 @@ class Backends:
     STOP_TIMEOUT = 5.0
     """-stop-timeout of each backend: the bound of its graceful stop."""
 
-    def __init__(self, bins: Path, log: Path, flags: tuple[str, ...]) -> None:
-        self.bins, self.log, self.flags = bins, log, flags
+    def __init__(
+        self,
+        bins: Path,
+        log: Path,
+        flags: tuple[str, ...],
+        each: Sequence[tuple[str, ...]] = (),
+    ) -> None:
+        """``flags`` go to every backend, ``each[i]`` after them to backend i only."""
+        self.bins, self.log, self.flags, self.each = bins, log, flags, each
         self.ports = [testenv.free_port() for _ in range(BACKENDS)]
         self.procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -199,6 +206,7 @@ class Backends:
                     f"-name={self.name(i)}",
                     f"-stop-timeout={self.STOP_TIMEOUT}s",
                     *self.flags,
+                    *(self.each[i] if i < len(self.each) else ()),
                 ],
                 stdout=log,
                 stderr=log,
@@ -293,11 +301,17 @@ def start_proxy(
         return Proxy(target, port, launch.start_haproxy(conf, log))
 
 
-def wait_ready(proxy: Proxy, names: set[str], work: Path, timeout: float = 30) -> None:
-    """Until calls through the proxy have reached every backend."""
+def wait_ready(
+    proxy: Proxy,
+    names: set[str],
+    work: Path,
+    timeout: float = 30,
+    authority: str = launch.AUTHORITY,
+) -> None:
+    """Until calls through the proxy (to ``authority``) have reached every backend."""
     seen: set[str] = set()
     deadline = time.monotonic() + timeout
-    options = [("grpc.default_authority", launch.AUTHORITY)]
+    options = [("grpc.default_authority", authority)]
     with grpc.insecure_channel(f"127.0.0.1:{proxy.port}", options=options) as channel:
         unary = channel.unary_unary("/test.Echo/Unary")
         while time.monotonic() < deadline and not names <= seen:

@@ -128,9 +128,10 @@ def put_set(
     ports: Iterable[int],
     *,
     name: str = "echo",
+    strategy: str = "round_robin",
     options: Mapping[str, str] | None = None,
 ) -> None:
-    """Write Service ``default/<name>`` (round robin over loopback ``ports``) to etcd."""
+    """Write Service ``default/<name>`` (``strategy`` over loopback ``ports``) to etcd."""
 
     async def put() -> None:
         client = store.client(etcd)
@@ -141,7 +142,7 @@ def put_set(
                 BackendSet(
                     namespace="default",
                     name=name,
-                    strategy="round_robin",
+                    strategy=strategy,
                     endpoints=tuple(Endpoint("127.0.0.1", p) for p in ports),
                     options=dict(options or {}),
                 ),
@@ -203,12 +204,13 @@ def nginx_config(
     *,
     server: str = "",
     location: str = "",
+    upstream: str = "",
     tls: TLSFiles | None = None,
 ) -> Path:
     """nginx with a worker per core, ``grpc_pass`` to ``backends`` (round robin, 64 idle
     upstream connections kept, as a proxy in front of gRPC backends would be run); ``server``
-    is appended to each upstream server line, ``location`` inside the location; with ``tls``,
-    TLS on the client port."""
+    is appended to each upstream server line, ``location`` inside the location, ``upstream``
+    inside the upstream block (e.g. ``least_conn;``); with ``tls``, TLS on the client port."""
     conf = work / "nginx.conf"
     servers = "\n".join(f"    server 127.0.0.1:{b}{server};" for b in backends)
     listen = f"listen 127.0.0.1:{port} http2;"
@@ -231,6 +233,7 @@ http {{
   upstream echo {{
 {servers}
     keepalive 64;
+{upstream}
   }}
   server {{
     {listen}
@@ -251,11 +254,12 @@ def haproxy_config(
     *,
     server: str = "",
     backend: str = "",
+    balance: str = "roundrobin",
     tls: TLSFiles | None = None,
 ) -> Path:
-    """HAProxy with a thread per core, HTTP/2 both ways, round robin over ``backends``;
-    ``server`` is appended to each server line, ``backend`` to the backend section; with
-    ``tls``, TLS on the client port (HTTP/2 by ALPN)."""
+    """HAProxy with a thread per core, HTTP/2 both ways, ``balance`` (round robin) over
+    ``backends``; ``server`` is appended to each server line, ``backend`` to the backend
+    section; with ``tls``, TLS on the client port (HTTP/2 by ALPN)."""
     conf = work / "haproxy.cfg"
     bind = f"bind 127.0.0.1:{port} proto h2"
     if tls:
@@ -278,7 +282,7 @@ frontend fe
   {bind}
   default_backend echo
 backend echo
-  balance roundrobin
+  balance {balance}
 {backend}
 {servers}
 """)

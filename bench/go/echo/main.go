@@ -2,12 +2,15 @@
 // /test.Echo/Unary with the request bytes and header x-backend: NAME. It is far faster than
 // any of the proxies measured, so the proxy is what the benchmark measures.
 //
-//	echo -listen 127.0.0.1:50051 -name a [-max-streams N] [-delay D]
+//	echo -listen 127.0.0.1:50051 -name a [-max-streams N] [-delay D [-workers N]]
 //	     [-max-connection-age D [-max-connection-age-grace D]] [-fail-unavailable]
 //	     [-stream-interval D] [-stop-timeout D]
 //
 // -max-streams advertises an HTTP/2 stream limit per connection (as Go's net/http2 does, 250,
 // and nginx, 128); -delay makes each call take that long, like a backend doing work.
+// -workers N lets at most N calls do their -delay at once, the others waiting in line for a
+// free worker, like a server with N worker threads: its capacity is N / delay calls per
+// second, and a backend with half the workers has half the capacity (bench/strategies.py).
 //
 // For the fault benchmark (bench/faults.py):
 //   - -max-connection-age sends GOAWAY to each connection after that long (±10%, grpc-go's
@@ -48,6 +51,7 @@ func main() {
 	name := flag.String("name", "echo", "value of the x-backend response header")
 	maxStreams := flag.Uint("max-streams", 0, "HTTP/2 concurrent streams per connection; 0: no limit")
 	delay := flag.Duration("delay", 0, "time each call takes before it answers")
+	workers := flag.Int("workers", 0, "calls doing their -delay at once, the others wait in line; 0: no limit")
 	maxAge := flag.Duration("max-connection-age", 0, "GOAWAY each connection after this long (±10%); 0: never")
 	maxAgeGrace := flag.Duration("max-connection-age-grace", 0, "time calls may take to end after a max-age GOAWAY; 0: forever")
 	failUnavailable := flag.Bool("fail-unavailable", false, "answer every call UNAVAILABLE (SIGUSR1 toggles)")
@@ -61,6 +65,10 @@ func main() {
 	var failing atomic.Bool
 	failing.Store(*failUnavailable)
 	header := metadata.Pairs("x-backend", *name)
+	var pool chan struct{} // a free worker is a free slot
+	if *workers > 0 {
+		pool = make(chan struct{}, *workers)
+	}
 	opts := []grpc.ServerOption{grpc.ForceServerCodec(rawcodec.Codec{})}
 	if *maxStreams > 0 {
 		opts = append(opts, grpc.MaxConcurrentStreams(uint32(*maxStreams)))
@@ -82,7 +90,18 @@ func main() {
 				return status.Errorf(codes.Unavailable, "echo %s: failing (-fail-unavailable)", *name)
 			}
 			if *delay > 0 {
+				if pool != nil {
+					// Waits for a worker (blocked senders go in arrival order) or the call's end.
+					select {
+					case pool <- struct{}{}:
+					case <-stream.Context().Done():
+						return status.FromContextError(stream.Context().Err()).Err()
+					}
+				}
 				time.Sleep(*delay)
+				if pool != nil {
+					<-pool
+				}
 			}
 			if err := stream.SetHeader(header); err != nil {
 				return err
