@@ -48,6 +48,7 @@ HEALTH_CHECK: Final = PREFIX + policy.HEALTH_CHECK
 PANIC_THRESHOLD: Final = PREFIX + policy.PANIC_THRESHOLD
 BACKEND_TLS: Final = PREFIX + policy.BACKEND_TLS
 STREAM_IDLE_TIMEOUT: Final = PREFIX + policy.STREAM_IDLE_TIMEOUT
+SLOW_START: Final = PREFIX + policy.SLOW_START
 
 POLICIES: Final = {
     RETRY: (policy.RETRY, "InvalidRetry"),
@@ -56,6 +57,7 @@ POLICIES: Final = {
     PANIC_THRESHOLD: (policy.PANIC_THRESHOLD, "InvalidPanicThreshold"),
     BACKEND_TLS: (policy.BACKEND_TLS, "InvalidBackendTLS"),
     STREAM_IDLE_TIMEOUT: (policy.STREAM_IDLE_TIMEOUT, "InvalidStreamIdleTimeout"),
+    SLOW_START: (policy.SLOW_START, "InvalidSlowStart"),
 }
 """Policy annotation → (its ``BackendSet.options`` key, the Event reason of an error)."""
 

@@ -273,6 +273,7 @@ class NativeEngine:
             ),
             health_check=failover.health_check.engine_args() if failover.health_check else None,
             panic_threshold=failover.panic_threshold.engine_args(),
+            slow_start=failover.slow_start.engine_args() if failover.slow_start else None,
             stream_idle_timeout_s=(
                 self._settings.stream_idle_timeout_s
                 if failover.stream_idle_timeout_ms is None

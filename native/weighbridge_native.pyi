@@ -49,6 +49,7 @@ class Engine:
         health_check: tuple[str, float, float, int, int] | None,
         panic_threshold: int,
         stream_idle_timeout_s: float,
+        slow_start: tuple[float, float, int] | None = None,
         tls: tuple[str, str, str, str] | None = None,
     ) -> None: ...
     def remove(self, key: str) -> None: ...

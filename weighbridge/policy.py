@@ -1,9 +1,10 @@
 """Policies of a Service beyond its strategy: configured retries, outlier detection, active
-health checks, the panic threshold, TLS to its backends, and its stream idle timeout.
+health checks, the panic threshold, TLS to its backends, its stream idle timeout and slow start.
 
 This module is the one home of their defaults and of their text: the annotation syntax the
 controller parses (``weighbridge.io/retry``, ``…/outlier-detection``, ``…/health-check``,
-``…/panic-threshold``, ``…/backend-tls``, ``…/stream-idle-timeout``), and the canonical text
+``…/panic-threshold``, ``…/backend-tls``, ``…/stream-idle-timeout``, ``…/slow-start``), and the
+canonical text
 it stores in ``BackendSet.options`` under the keys :data:`OPTION_KEYS`, which proxies parse
 again. ``format_*`` writes the canonical text and
 ``parse_*`` reads it back to an equal policy.
@@ -37,6 +38,7 @@ HEALTH_CHECK: Final = "health-check"
 PANIC_THRESHOLD: Final = "panic-threshold"
 BACKEND_TLS: Final = "backend-tls"
 STREAM_IDLE_TIMEOUT: Final = "stream-idle-timeout"
+SLOW_START: Final = "slow-start"
 OPTION_KEYS: Final = (
     RETRY,
     OUTLIER_DETECTION,
@@ -44,6 +46,7 @@ OPTION_KEYS: Final = (
     PANIC_THRESHOLD,
     BACKEND_TLS,
     STREAM_IDLE_TIMEOUT,
+    SLOW_START,
 )
 """``BackendSet.options`` keys of the policies: the annotation names without ``weighbridge.io/``.
 An absent key means the policy's default."""
@@ -194,6 +197,39 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SlowStart:
+    """Slow start (``weighbridge.io/slow-start``): an endpoint new to the Service, or whose
+    weight went up, takes a part of its share that grows over ``window``:
+    from + (1 - from) * max(min, (elapsed / window) ** (1 / aggression)), ``from`` being 0 for
+    a new endpoint and old/new weight for an increase (Envoy's curve)."""
+
+    window_ms: int = 30_000
+    """How long the ramp lasts: 30 s warms a JIT or a cache without starving the pod."""
+    aggression: float = 1.0
+    """1: linear; above 1 the part rises faster at first (2: the square root)."""
+    min_weight_percent: int = 10
+    """The least part taken, so a new endpoint gets some calls from the start."""
+
+    def __post_init__(self) -> None:
+        _check_duration("window", self.window_ms, minimum=1000)
+        if not MIN_AGGRESSION <= self.aggression <= MAX_AGGRESSION:
+            raise ValueError(
+                f"aggression: {self.aggression:g} is not from {MIN_AGGRESSION:g} to "
+                f"{MAX_AGGRESSION:g}"
+            )
+        _check_range("min-weight", self.min_weight_percent, 0, 100, unit="%")
+
+    def engine_args(self) -> tuple[float, float, int]:
+        """The engine's ``slow_start``: (window s, aggression, min weight percent)."""
+        return (self.window_ms / 1000, self.aggression, self.min_weight_percent)
+
+
+MIN_AGGRESSION: Final = 0.1
+MAX_AGGRESSION: Final = 10.0
+_DECIMAL = re.compile(r"[0-9]{1,2}(?:\.[0-9]{1,3})?")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HealthCheck:
     """Active health checks (``weighbridge.io/health-check``): the proxy asks every endpoint
     ``grpc.health.v1.Health/Check`` on its own and sends no new calls to one that is unhealthy."""
@@ -325,6 +361,41 @@ def parse_outlier_detection(text: str) -> OutlierDetection | None:
     if "max-ejected" in fields:
         kw["max_ejected_percent"] = _parse_percent("max-ejected", fields["max-ejected"])
     return OutlierDetection(**kw)
+
+
+def parse_slow_start(text: str) -> SlowStart | None:
+    """``weighbridge.io/slow-start``: ``window``, ``aggression`` (a decimal like 1.5),
+    ``min-weight: PERCENT%``; ``on`` is the defaults, ``off`` None."""
+    entries = _entries(text)
+    if entries == ["off"]:
+        return None
+    if entries == ["on"]:
+        return SlowStart()
+    fields = _fields(entries, ("window", "aggression", "min-weight"))
+    kw: dict[str, Any] = {}
+    if "window" in fields:
+        kw["window_ms"] = _parse_field_duration("window", fields["window"])
+    if "aggression" in fields:
+        if not _DECIMAL.fullmatch(fields["aggression"]):
+            raise ValueError(
+                f"aggression: {fields['aggression']!r} is not a decimal number (like 1 or 1.5)"
+            )
+        kw["aggression"] = float(fields["aggression"])
+    if "min-weight" in fields:
+        kw["min_weight_percent"] = _parse_percent("min-weight", fields["min-weight"])
+    return SlowStart(**kw)
+
+
+def format_slow_start(policy: SlowStart | None) -> str:
+    if policy is None:
+        return "off"
+    return "; ".join(
+        (
+            f"window: {format_duration(policy.window_ms)}",
+            f"aggression: {policy.aggression:g}",
+            f"min-weight: {policy.min_weight_percent}%",
+        )
+    )
 
 
 def parse_health_check(text: str) -> HealthCheck | None:
@@ -641,6 +712,8 @@ class Failover:
     """None: plaintext h2c to the endpoints."""
     stream_idle_timeout_ms: int | None = None
     """None: the proxy's ``--stream-idle-timeout``; 0: none for this Service."""
+    slow_start: SlowStart | None = None
+    """None: a new endpoint takes its whole share at once (off, as Envoy's default)."""
 
 
 DEFAULTS: Final = Failover()
@@ -653,6 +726,7 @@ _CANONICAL: Final[Mapping[str, Callable[[str], str]]] = {
     PANIC_THRESHOLD: lambda text: format_panic_threshold(parse_panic_threshold(text)),
     BACKEND_TLS: lambda text: format_backend_tls(parse_backend_tls(text)),
     STREAM_IDLE_TIMEOUT: lambda text: format_stream_idle_timeout(parse_stream_idle_timeout(text)),
+    SLOW_START: lambda text: format_slow_start(parse_slow_start(text)),
 }
 
 
@@ -691,6 +765,7 @@ def failover_from_options(options: Mapping[str, str]) -> tuple[Failover, dict[st
         stream_idle_timeout_ms=read(
             STREAM_IDLE_TIMEOUT, parse_stream_idle_timeout, DEFAULTS.stream_idle_timeout_ms
         ),
+        slow_start=read(SLOW_START, parse_slow_start, DEFAULTS.slow_start),
     )
     return failover, errors
 
@@ -703,6 +778,7 @@ __all__ = [
     "OUTLIER_DETECTION",
     "PANIC_THRESHOLD",
     "RETRY",
+    "SLOW_START",
     "STATUS_CODES",
     "STREAM_IDLE_TIMEOUT",
     "BackendTls",
@@ -711,6 +787,7 @@ __all__ = [
     "OutlierDetection",
     "PanicThreshold",
     "RetryPolicy",
+    "SlowStart",
     "canonical_option",
     "failover_from_options",
     "format_backend_tls",
@@ -719,6 +796,7 @@ __all__ = [
     "format_outlier_detection",
     "format_panic_threshold",
     "format_retry",
+    "format_slow_start",
     "format_stream_idle_timeout",
     "parse_backend_tls",
     "parse_duration",
@@ -726,5 +804,6 @@ __all__ = [
     "parse_outlier_detection",
     "parse_panic_threshold",
     "parse_retry",
+    "parse_slow_start",
     "parse_stream_idle_timeout",
 ]

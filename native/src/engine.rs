@@ -19,6 +19,7 @@ use crate::limits::{ClientLimits, LimitCounters};
 use crate::pool::{Pool, Tuning};
 use crate::retry::{Budget, RetryArg, RetryPolicy, ServiceCounters};
 use crate::routing::{Policy, Route, Table, Target};
+use crate::slow_start::{Ramp, SlowStart, SlowStartArg};
 use crate::stats::{Counters, Stats};
 use crate::strategy::Picker;
 use crate::tls::{ClientTls, ClientTlsArg, Paths, ServerTls};
@@ -29,11 +30,15 @@ use crate::workers::{self, WorkerCounters};
 /// between reads of the files).
 type TlsArg = (String, String, String, Vec<String>, bool, f64);
 
-/// What one Service keeps across set updates: per endpoint (HOST:PORT) its counters and its
-/// failover state, its retry budget and its failover counters.
+/// What one endpoint of a Service keeps across set updates: its counters, its failover state,
+/// its slow-start ramp and its last weight (an increase ramps).
+type EndpointState = (Arc<Stats>, Arc<Health>, Arc<Ramp>, u32);
+
+/// What one Service keeps across set updates: per endpoint (HOST:PORT) its state, its retry
+/// budget and its failover counters.
 #[derive(Default)]
 struct ServiceState {
-    endpoints: HashMap<String, (Arc<Stats>, Arc<Health>)>,
+    endpoints: HashMap<String, EndpointState>,
     budget: Arc<Budget>,
     counters: Arc<ServiceCounters>,
 }
@@ -291,7 +296,7 @@ impl Engine {
     /// when off. Raises ValueError for an unknown strategy, a weight of 0 or a bad setting.
     #[pyo3(signature = (
         key, strategy, endpoints, total, *, retry, outlier, health_check, panic_threshold,
-        stream_idle_timeout_s, tls=None
+        stream_idle_timeout_s, slow_start=None, tls=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn apply(
@@ -305,6 +310,7 @@ impl Engine {
         health_check: Option<CheckArg>,
         panic_threshold: u32,
         stream_idle_timeout_s: f64,
+        slow_start: Option<SlowStartArg>,
         tls: Option<ClientTlsArg>,
     ) -> PyResult<()> {
         let invalid = |e: String| PyValueError::new_err(format!("Service {key}: {e}"));
@@ -327,6 +333,10 @@ impl Engine {
                     .map_err(|_| invalid("stream idle timeout must be ≥ 0 s".into()))?,
             )
             .filter(|d| !d.is_zero()),
+            slow_start: slow_start
+                .map(SlowStart::from_arg)
+                .transpose()
+                .map_err(invalid)?,
         };
         let check = health_check
             .map(CheckPolicy::from_arg)
@@ -359,26 +369,37 @@ impl Engine {
         let mut services = shared.services.lock().unwrap_or_else(|e| e.into_inner());
         let service = services.entry(key.clone()).or_default();
         let handshake = shared.pool.tuning().handshake_timeout;
+        // A Service's first set does not ramp (there is nothing to protect a newcomer from).
+        let seen_before = !service.endpoints.is_empty();
         let targets = endpoints
             .iter()
             .enumerate()
-            .map(|(i, (hostport, pod, _))| {
-                let (stats, health) =
-                    service
-                        .endpoints
-                        .entry(hostport.clone())
-                        .or_insert_with(|| {
-                            let owner = Owner {
-                                service: key.clone(),
-                                hostport: hostport.clone(),
-                                events: Arc::clone(&shared.events),
-                                counters: Arc::clone(&service.counters),
-                            };
-                            (
-                                Arc::new(Stats::new(shared.bounds_ns.len())),
-                                Arc::new(Health::new(owner)),
-                            )
-                        });
+            .map(|(i, (hostport, pod, weight))| {
+                let (stats, health, ramp, last_weight) = service
+                    .endpoints
+                    .entry(hostport.clone())
+                    .or_insert_with(|| {
+                        let owner = Owner {
+                            service: key.clone(),
+                            hostport: hostport.clone(),
+                            events: Arc::clone(&shared.events),
+                            counters: Arc::clone(&service.counters),
+                        };
+                        let ramp = Ramp::default();
+                        if seen_before && policy.slow_start.is_some() {
+                            ramp.begin(0.0);
+                        }
+                        (
+                            Arc::new(Stats::new(shared.bounds_ns.len())),
+                            Arc::new(Health::new(owner)),
+                            Arc::new(ramp),
+                            *weight,
+                        )
+                    });
+                if *weight > *last_weight && policy.slow_start.is_some() {
+                    ramp.begin(f64::from(*last_weight) / f64::from(*weight));
+                }
+                *last_weight = *weight;
                 health.set_checks(
                     check.as_ref(),
                     shared.pool.runtime(i),
@@ -394,6 +415,7 @@ impl Engine {
                     backend: shared.pool.acquire(hostport, tls.as_ref()),
                     stats: Arc::clone(stats),
                     health: Arc::clone(health),
+                    ramp: Arc::clone(ramp),
                     who: format!("backend {hostport} (Service {key}{pod})"),
                 }
             })
@@ -402,7 +424,7 @@ impl Engine {
         // their health checks stop either way.
         if service.endpoints.len() > endpoints.len() {
             let live: HashSet<&str> = endpoints.iter().map(|(h, _, _)| h.as_str()).collect();
-            service.endpoints.retain(|hostport, (s, h)| {
+            service.endpoints.retain(|hostport, (s, h, _, _)| {
                 let keep = live.contains(hostport.as_str());
                 if !keep {
                     h.stop_checks();
@@ -448,7 +470,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
-        for (_, health) in gone.iter().flat_map(|s| s.endpoints.values()) {
+        for (_, health, _, _) in gone.iter().flat_map(|s| s.endpoints.values()) {
             health.stop_checks();
         }
     }
@@ -482,6 +504,18 @@ impl Engine {
             .explain(&**route)
             .map_err(|m| PyLookupError::new_err(m.to_string()))?;
         let target = &route.targets[i];
+        if let Some(policy) = route
+            .policy
+            .slow_start
+            .as_ref()
+            .filter(|_| target.ramp.ramping())
+        {
+            let part = target.ramp.admitted(policy);
+            why = format!(
+                "{why}; in slow start, taking {:.0}% of its share",
+                part * 100.0
+            );
+        }
         if let Some((state, reason)) = target.unavailable() {
             // The call would skip it: say so, and name the next in order that can take it
             // (without picking: explaining changes no state).
@@ -519,7 +553,7 @@ impl Engine {
             .iter()
             .filter(|(k, _)| key.is_none_or(|key| key == k.as_str()))
             .flat_map(|(key, service)| service.endpoints.iter().map(move |(h, e)| (key, h, e)))
-            .map(|(key, hostport, (s, health))| {
+            .map(|(key, hostport, (s, health, _, _))| {
                 let (connected, last_error, down, down_since) =
                     self.shared.pool.status(hostport).unwrap_or_default();
                 let (state, why, since) = match health.state() {

@@ -11,6 +11,7 @@ mod pool;
 mod proxy;
 mod retry;
 mod routing;
+mod slow_start;
 mod stats;
 mod strategy;
 mod tls;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::health::{Health, OutlierPolicy};
 use crate::pool::Backend;
 use crate::retry::{Budget, RetryPolicy, ServiceCounters};
+use crate::slow_start::{Ramp, SlowStart};
 use crate::stats::Stats;
 use crate::strategy::{Load, Picker};
 
@@ -21,6 +22,8 @@ pub struct Target {
     pub backend: Arc<Backend>,
     pub stats: Arc<Stats>,
     pub health: Arc<Health>,
+    /// Its slow start within this Service.
+    pub ramp: Arc<Ramp>,
     /// "backend HOST:PORT (Service NS/NAME, pod POD)", for error messages.
     pub who: String,
 }
@@ -50,6 +53,8 @@ pub struct Policy {
     pub panic_threshold: u32,
     /// A call on which nothing moved this long is ended; None: never.
     pub stream_idle_timeout: Option<Duration>,
+    /// New endpoints and weight increases ramp up; None: at once.
+    pub slow_start: Option<SlowStart>,
 }
 
 pub struct Route {
@@ -90,20 +95,21 @@ impl Route {
     /// again). Below the panic threshold, the pick is the strategy's among all endpoints.
     pub fn pick(&self, avoid: Option<usize>) -> Result<usize, String> {
         let first = self.picker.pick(self)?;
-        if Some(first) != avoid && self.targets[first].available() {
+        let admitted = self.admits(first);
+        if Some(first) != avoid && admitted && self.targets[first].available() {
             return Ok(first); // the usual case: one pick, two loads
         }
         let n = self.targets.len();
         let available = self.targets.iter().filter(|t| t.available()).count();
         let panic = (available * 100) < (self.policy.panic_threshold as usize * n);
         let usable = |i: usize| Some(i) != avoid && (panic || self.targets[i].available());
-        if usable(first) {
+        if admitted && usable(first) {
             return Ok(first);
         }
         // A rotation reaches every endpoint within n picks; a weighted one almost surely.
         for _ in 0..n.max(4) {
             let i = self.picker.pick(self)?;
-            if usable(i) {
+            if usable(i) && self.admits(i) {
                 return Ok(i);
             }
         }
@@ -125,6 +131,19 @@ impl Route {
             // The only endpoint left is the one that just failed: better it than nothing.
             Some(i) if n == 1 || panic || self.targets[i].available() => Ok(i),
             _ => Err(self.none_available()),
+        }
+    }
+
+    /// Whether a pick of endpoint `i` stands under slow start: always, unless it is ramping,
+    /// then with the probability of the part of its share it takes now.
+    #[inline]
+    fn admits(&self, i: usize) -> bool {
+        match &self.policy.slow_start {
+            None => true,
+            Some(policy) => {
+                let part = self.targets[i].ramp.admitted(policy);
+                part >= 1.0 || fastrand::f64() < part
+            }
         }
     }
 
@@ -278,6 +297,7 @@ mod tests {
                         events: Arc::new(Events::default()),
                         counters: Arc::clone(&counters),
                     })),
+                    ramp: Arc::default(),
                     who: hostport,
                 }
             })
@@ -292,6 +312,7 @@ mod tests {
                 outlier: None,
                 panic_threshold,
                 stream_idle_timeout: None,
+                slow_start: None,
             },
             budget: Arc::default(),
             counters,
@@ -387,5 +408,23 @@ mod tests {
             e.starts_with("no route for authority 'localhost:8080' and gRPC service 'test.Echo'"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn slow_start_gives_a_ramping_endpoint_its_part_of_the_share() {
+        let mut r = route("weighted_random", &[1, 1], 0);
+        let policy = SlowStart::from_arg((1000.0, 1.0, 25)).unwrap();
+        r.policy.slow_start = Some(policy);
+        r.targets[1].ramp.begin(0.0); // at the floor: 25% admitted
+        let n = 40_000;
+        let second = (0..n).filter(|_| r.pick(None) == Ok(1)).count() as f64 / n as f64;
+        // Weight 1 × 0.25 against 1: a fifth.
+        assert!((second - 0.2).abs() < 0.015, "{second}");
+        // A rotation skips its turn three times in four.
+        let mut rr = route("round_robin", &[1, 1, 1], 0);
+        rr.policy.slow_start = Some(policy);
+        rr.targets[2].ramp.begin(0.0);
+        let third = (0..n).filter(|_| rr.pick(None) == Ok(2)).count() as f64 / n as f64;
+        assert!(third < 0.15 && third > 0.05, "{third}");
     }
 }

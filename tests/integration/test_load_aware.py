@@ -93,3 +93,29 @@ async def test_a_slower_backend_gets_fewer_calls(
             )
         assert answer.reason.startswith(f"{strategy}: "), answer.reason
         assert " over " in answer.reason and "in flight" in answer.reason, answer.reason
+
+
+async def test_a_new_endpoint_ramps_up_under_slow_start(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
+) -> None:
+    """round_robin over a and b; c joins under a 3 s linear slow start from 10%: in its first
+    second it takes far less than its third (the rotation skips its turn); once the window
+    has passed, the rotation is strict again."""
+    async with (
+        backends(0, 0, 0) as bes,
+        running_proxy(etcd_server.endpoint, scheme, seed=9) as proxy,
+        channel(proxy) as ch,
+    ):
+        options = {"slow-start": "window: 3s; min-weight: 10%"}
+        await applied(proxy, await put(etcd, scheme, "round_robin", bes[:2], options=options))
+        await applied(proxy, await put(etcd, scheme, "round_robin", bes, options=options))
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 1.0
+        early: collections.Counter[str] = collections.Counter()
+        while loop.time() < until:
+            early[await who(ch)] += 1
+        assert early["c"] > 0, early
+        assert early["c"] / early.total() < 1 / 3 / 2, early
+        await asyncio.sleep(2.5)
+        late = collections.Counter([await who(ch) for _ in range(300)])
+        assert late == {"a": 100, "b": 100, "c": 100}, late

@@ -356,3 +356,25 @@ def test_the_stream_idle_timeout_option_defaults_to_the_proxys() -> None:
     assert failover.stream_idle_timeout_ms == 0
     failover, errors = failover_from_options({"stream-idle-timeout": "soon"})
     assert failover.stream_idle_timeout_ms is None and "stream-idle-timeout" in errors
+
+
+def test_slow_start_text_round_trips_and_refuses_nonsense() -> None:
+    from weighbridge.policy import SlowStart, format_slow_start, parse_slow_start
+
+    assert parse_slow_start("off") is None
+    assert parse_slow_start("on") == SlowStart()
+    policy = parse_slow_start("window: 1m; aggression: 1.5; min-weight: 5%")
+    assert policy == SlowStart(window_ms=60_000, aggression=1.5, min_weight_percent=5)
+    assert policy is not None and policy.engine_args() == (60.0, 1.5, 5)
+    assert parse_slow_start(format_slow_start(policy)) == policy
+    assert format_slow_start(SlowStart()) == "window: 30s; aggression: 1; min-weight: 10%"
+    for text, message in (
+        ("window: 500ms", "window: 500ms is not from 1s"),
+        ("aggression: 0", "aggression: 0 is not from 0.1 to 10"),
+        ("aggression: 1e3", "not a decimal number"),
+        ("aggression: \u0661", "not printable ASCII"),  # an Arabic-Indic 1
+        ("min-weight: 150%", "150% is not from 0% to 100%"),
+        ("ramp: 3s", "ramp"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_slow_start(text)
