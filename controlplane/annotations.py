@@ -49,6 +49,7 @@ PANIC_THRESHOLD: Final = PREFIX + policy.PANIC_THRESHOLD
 BACKEND_TLS: Final = PREFIX + policy.BACKEND_TLS
 STREAM_IDLE_TIMEOUT: Final = PREFIX + policy.STREAM_IDLE_TIMEOUT
 SLOW_START: Final = PREFIX + policy.SLOW_START
+HASH: Final = PREFIX + policy.HASH
 
 POLICIES: Final = {
     RETRY: (policy.RETRY, "InvalidRetry"),
@@ -58,6 +59,7 @@ POLICIES: Final = {
     BACKEND_TLS: (policy.BACKEND_TLS, "InvalidBackendTLS"),
     STREAM_IDLE_TIMEOUT: (policy.STREAM_IDLE_TIMEOUT, "InvalidStreamIdleTimeout"),
     SLOW_START: (policy.SLOW_START, "InvalidSlowStart"),
+    HASH: (policy.HASH, "InvalidHash"),
 }
 """Policy annotation → (its ``BackendSet.options`` key, the Event reason of an error)."""
 
@@ -165,12 +167,19 @@ def parse_service(annotations: Mapping[str, str]) -> ServiceSpec:
         port = port.strip()
         if not port:
             raise AnnotationError("InvalidPort", f"{PORT} is empty; give a port name or number")
+    options = parse_policies(annotations)
+    if strategy == "ring_hash" and policy.HASH not in options:
+        raise AnnotationError(
+            "InvalidHash",
+            f"{STRATEGY}: ring_hash needs {HASH} naming the request header to hash "
+            "(like 'header: x-user-id')",
+        )
     return ServiceSpec(
         strategy=strategy,
         weights=weights,
         port=port,
         grpc_services=parse_grpc_services(annotations.get(GRPC_SERVICES, "")),
-        options=parse_policies(annotations),
+        options=options,
     )
 
 

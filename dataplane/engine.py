@@ -170,9 +170,10 @@ class Engine(Protocol):
         """The Service a call would reach and how it matched; raises :class:`NoRouteError`."""
         ...
 
-    def explain(self, key: ServiceKey) -> tuple[str, str]:
+    def explain(self, key: ServiceKey, hash_value: str | None = None) -> tuple[str, str]:
         """HOST:PORT of the endpoint the next call of ``key`` would get, and why, without
-        picking; raises :class:`NoBackendError`."""
+        picking (for ring_hash: a call whose hashed header has ``hash_value``); raises
+        :class:`NoBackendError`."""
         ...
 
     def stats(self, key: ServiceKey | None = None) -> list[BackendStats]: ...
@@ -274,6 +275,7 @@ class NativeEngine:
             health_check=failover.health_check.engine_args() if failover.health_check else None,
             panic_threshold=failover.panic_threshold.engine_args(),
             slow_start=failover.slow_start.engine_args() if failover.slow_start else None,
+            hash=failover.hash.engine_args() if failover.hash else None,
             stream_idle_timeout_s=(
                 self._settings.stream_idle_timeout_s
                 if failover.stream_idle_timeout_ms is None
@@ -299,9 +301,9 @@ class NativeEngine:
             raise NoRouteError(str(exc)) from None
         return ServiceKey(key), matched
 
-    def explain(self, key: ServiceKey) -> tuple[str, str]:
+    def explain(self, key: ServiceKey, hash_value: str | None = None) -> tuple[str, str]:
         try:
-            return self._engine.explain(key)
+            return self._engine.explain(key, hash_value)
         except LookupError as exc:
             raise NoBackendError(str(exc)) from None
 

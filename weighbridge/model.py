@@ -25,6 +25,7 @@ STRATEGIES: Final = (
     "weighted_random",
     "least_request",
     "peak_ewma",
+    "ring_hash",
 )
 """Strategy names every proxy of this version understands."""
 
@@ -106,7 +107,7 @@ class BackendSet:
     def probabilities(self) -> dict[str, Fraction]:
         """Exact share of new requests per endpoint (``host:port``) under this set's strategy
         (for the load-aware ones, least_request and peak_ewma: while every endpoint has the
-        same latency and load per weight)."""
+        same latency and load per weight; for ring_hash: of the keys, and of calls without one)."""
         eligible = self.eligible
         if not eligible:
             return {}

@@ -3,8 +3,8 @@ health checks, the panic threshold, TLS to its backends, its stream idle timeout
 
 This module is the one home of their defaults and of their text: the annotation syntax the
 controller parses (``weighbridge.io/retry``, ``…/outlier-detection``, ``…/health-check``,
-``…/panic-threshold``, ``…/backend-tls``, ``…/stream-idle-timeout``, ``…/slow-start``), and the
-canonical text
+``…/panic-threshold``, ``…/backend-tls``, ``…/stream-idle-timeout``, ``…/slow-start``,
+``…/hash``), and the canonical text
 it stores in ``BackendSet.options`` under the keys :data:`OPTION_KEYS`, which proxies parse
 again. ``format_*`` writes the canonical text and
 ``parse_*`` reads it back to an equal policy.
@@ -39,6 +39,7 @@ PANIC_THRESHOLD: Final = "panic-threshold"
 BACKEND_TLS: Final = "backend-tls"
 STREAM_IDLE_TIMEOUT: Final = "stream-idle-timeout"
 SLOW_START: Final = "slow-start"
+HASH: Final = "hash"
 OPTION_KEYS: Final = (
     RETRY,
     OUTLIER_DETECTION,
@@ -47,6 +48,7 @@ OPTION_KEYS: Final = (
     BACKEND_TLS,
     STREAM_IDLE_TIMEOUT,
     SLOW_START,
+    HASH,
 )
 """``BackendSet.options`` keys of the policies: the annotation names without ``weighbridge.io/``.
 An absent key means the policy's default."""
@@ -230,6 +232,35 @@ _DECIMAL = re.compile(r"[0-9]{1,2}(?:\.[0-9]{1,3})?")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HashKey:
+    """What ``ring_hash`` hashes (``weighbridge.io/hash``): a request header, and the load
+    bound that keeps one hot key from piling onto one endpoint."""
+
+    header: str
+    """A request header (lowercase, as HTTP/2 sends it), like ``x-user-id``; a call without
+    it is a weighted random draw."""
+    bound_percent: int = 125
+    """c of consistent hashing with bounded loads, as a percentage: an endpoint takes a key's
+    calls while its calls in flight stay within c x (all in flight + 1) x its weight's share;
+    125%, as the paper's and Envoy's examples, moves few keys and caps a hot one."""
+
+    def __post_init__(self) -> None:
+        if not _HEADER.fullmatch(self.header):
+            raise ValueError(
+                f"header: {self.header!r} is not a request header name (lowercase letters, "
+                "digits, '-', '_' or '.', like x-user-id)"
+            )
+        _check_range("bound", self.bound_percent, 100, 1000, unit="%")
+
+    def engine_args(self) -> tuple[str, int]:
+        """The engine's ``hash``: (header, bound percent)."""
+        return (self.header, self.bound_percent)
+
+
+_HEADER = re.compile(r"[a-z0-9][-a-z0-9_.]{0,127}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HealthCheck:
     """Active health checks (``weighbridge.io/health-check``): the proxy asks every endpoint
     ``grpc.health.v1.Health/Check`` on its own and sends no new calls to one that is unhealthy."""
@@ -396,6 +427,23 @@ def format_slow_start(policy: SlowStart | None) -> str:
             f"min-weight: {policy.min_weight_percent}%",
         )
     )
+
+
+def parse_hash(text: str) -> HashKey:
+    """``weighbridge.io/hash``: ``header: NAME`` (required), ``bound: PERCENT%``."""
+    fields = _fields(_entries(text), ("header", "bound"))
+    if "header" not in fields:
+        raise ValueError(
+            "'header' is required: the request header to hash, like 'header: x-user-id'"
+        )
+    kw: dict[str, Any] = {"header": fields["header"]}
+    if "bound" in fields:
+        kw["bound_percent"] = _parse_percent("bound", fields["bound"])
+    return HashKey(**kw)
+
+
+def format_hash(policy: HashKey) -> str:
+    return f"header: {policy.header}; bound: {policy.bound_percent}%"
 
 
 def parse_health_check(text: str) -> HealthCheck | None:
@@ -714,6 +762,8 @@ class Failover:
     """None: the proxy's ``--stream-idle-timeout``; 0: none for this Service."""
     slow_start: SlowStart | None = None
     """None: a new endpoint takes its whole share at once (off, as Envoy's default)."""
+    hash: HashKey | None = None
+    """ring_hash's key; None: no key (every call a weighted random draw)."""
 
 
 DEFAULTS: Final = Failover()
@@ -727,6 +777,7 @@ _CANONICAL: Final[Mapping[str, Callable[[str], str]]] = {
     BACKEND_TLS: lambda text: format_backend_tls(parse_backend_tls(text)),
     STREAM_IDLE_TIMEOUT: lambda text: format_stream_idle_timeout(parse_stream_idle_timeout(text)),
     SLOW_START: lambda text: format_slow_start(parse_slow_start(text)),
+    HASH: lambda text: format_hash(parse_hash(text)),
 }
 
 
@@ -766,6 +817,7 @@ def failover_from_options(options: Mapping[str, str]) -> tuple[Failover, dict[st
             STREAM_IDLE_TIMEOUT, parse_stream_idle_timeout, DEFAULTS.stream_idle_timeout_ms
         ),
         slow_start=read(SLOW_START, parse_slow_start, DEFAULTS.slow_start),
+        hash=read(HASH, parse_hash, DEFAULTS.hash),
     )
     return failover, errors
 
@@ -773,6 +825,7 @@ def failover_from_options(options: Mapping[str, str]) -> tuple[Failover, dict[st
 __all__ = [
     "BACKEND_TLS",
     "DEFAULTS",
+    "HASH",
     "HEALTH_CHECK",
     "OPTION_KEYS",
     "OUTLIER_DETECTION",
@@ -783,6 +836,7 @@ __all__ = [
     "STREAM_IDLE_TIMEOUT",
     "BackendTls",
     "Failover",
+    "HashKey",
     "HealthCheck",
     "OutlierDetection",
     "PanicThreshold",
@@ -792,6 +846,7 @@ __all__ = [
     "failover_from_options",
     "format_backend_tls",
     "format_duration",
+    "format_hash",
     "format_health_check",
     "format_outlier_detection",
     "format_panic_threshold",
@@ -800,6 +855,7 @@ __all__ = [
     "format_stream_idle_timeout",
     "parse_backend_tls",
     "parse_duration",
+    "parse_hash",
     "parse_health_check",
     "parse_outlier_detection",
     "parse_panic_threshold",

@@ -21,6 +21,7 @@ from dataplane.strategies import (
     leastrequest,
     peakewma,
     randompick,
+    ringhash,
     roundrobin,
     weightedrandom,
     weightedroundrobin,
@@ -33,7 +34,15 @@ log = structlog.get_logger(__name__)
 
 REGISTRY: Final[dict[str, Strategy]] = {
     m.STRATEGY.name: m.STRATEGY
-    for m in (roundrobin, randompick, weightedroundrobin, weightedrandom, leastrequest, peakewma)
+    for m in (
+        roundrobin,
+        randompick,
+        weightedroundrobin,
+        weightedrandom,
+        leastrequest,
+        peakewma,
+        ringhash,
+    )
 }
 """Strategy name → its description; the same names as the model's and the engine's."""
 

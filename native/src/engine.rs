@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{FromRawFd, RawFd};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use crate::retry::{Budget, RetryArg, RetryPolicy, ServiceCounters};
 use crate::routing::{Policy, Route, Table, Target};
 use crate::slow_start::{Ramp, SlowStart, SlowStartArg};
 use crate::stats::{Counters, Stats};
-use crate::strategy::Picker;
+use crate::strategy::{hash_key, Picker};
 use crate::tls::{ClientTls, ClientTlsArg, Paths, ServerTls};
 use crate::workers::{self, WorkerCounters};
 
@@ -296,7 +296,7 @@ impl Engine {
     /// when off. Raises ValueError for an unknown strategy, a weight of 0 or a bad setting.
     #[pyo3(signature = (
         key, strategy, endpoints, total, *, retry, outlier, health_check, panic_threshold,
-        stream_idle_timeout_s, slow_start=None, tls=None
+        stream_idle_timeout_s, slow_start=None, hash=None, tls=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn apply(
@@ -311,6 +311,7 @@ impl Engine {
         panic_threshold: u32,
         stream_idle_timeout_s: f64,
         slow_start: Option<SlowStartArg>,
+        hash: Option<(String, u32)>,
         tls: Option<ClientTlsArg>,
     ) -> PyResult<()> {
         let invalid = |e: String| PyValueError::new_err(format!("Service {key}: {e}"));
@@ -337,6 +338,11 @@ impl Engine {
                 .map(SlowStart::from_arg)
                 .transpose()
                 .map_err(invalid)?,
+            hash_header: hash
+                .as_ref()
+                .map(|(header, _)| http::HeaderName::try_from(header.as_str()))
+                .transpose()
+                .map_err(|e| invalid(format!("hash header: {e}")))?,
         };
         let check = health_check
             .map(CheckPolicy::from_arg)
@@ -358,10 +364,16 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .u64(..);
+        let keys: Vec<String> = endpoints.iter().map(|(h, _, _)| h.clone()).collect();
+        let bound = hash
+            .as_ref()
+            .map_or(1.25, |(_, percent)| f64::from(*percent) / 100.0);
         let picker = Picker::build(
             strategy,
             &weights,
+            &keys,
             start,
+            bound,
             format!("Service {key} has no backend that can take requests ({why})"),
         )
         .map_err(invalid)?;
@@ -440,6 +452,7 @@ impl Engine {
             policy,
             budget: Arc::clone(&service.budget),
             counters: Arc::clone(&service.counters),
+            in_flight: AtomicI64::new(0),
         };
         drop(services);
         let old = shared
@@ -494,14 +507,15 @@ impl Engine {
 
     /// (HOST:PORT, why) of the endpoint Service `key`'s next call would get, without picking;
     /// raises LookupError when the Service has no route or no endpoint to pick.
-    fn explain(&self, key: &str) -> PyResult<(String, String)> {
+    #[pyo3(signature = (key, hash_value=None))]
+    fn explain(&self, key: &str, hash_value: Option<&str>) -> PyResult<(String, String)> {
         let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
         let route = table
             .get(key)
             .ok_or_else(|| PyLookupError::new_err(format!("no backend set for Service {key}")))?;
         let (i, mut why) = route
             .picker
-            .explain(&**route)
+            .explain(&**route, hash_value.map(|v| hash_key(v.as_bytes())))
             .map_err(|m| PyLookupError::new_err(m.to_string()))?;
         let target = &route.targets[i];
         if let Some(policy) = route

@@ -28,6 +28,7 @@ use crate::pool::Stream;
 use crate::retry::{self, RetryPolicy};
 use crate::routing::{Route, Target};
 use crate::stats::{LocalError, TlsFailure};
+use crate::strategy::hash_key;
 use crate::workers::{self, WorkerCounters};
 
 pub const STREAM_WINDOW: u32 = 1 << 20;
@@ -474,9 +475,15 @@ async fn serve_call(
     }
     let limit = grpc::message_limit(&head.headers, shared.max_message_bytes);
     let mut body = RequestBody::new(body, shared, limit, activity);
+    let key = route
+        .policy
+        .hash_header
+        .as_ref()
+        .and_then(|h| head.headers.get(h))
+        .map(|v| hash_key(v.as_bytes()));
     let (mut transparent, mut tries, mut avoid) = (0u32, 0u32, None);
     loop {
-        let i = route.pick(avoid).map_err(|message| {
+        let i = route.pick(avoid, key).map_err(|message| {
             Fail::Local(
                 LocalError::NoBackend,
                 grpc::UNAVAILABLE,
@@ -494,9 +501,11 @@ async fn serve_call(
         let stats = &target.stats;
         stats.requests.fetch_add(1, Relaxed);
         stats.in_flight.fetch_add(1, Relaxed);
+        route.in_flight.fetch_add(1, Relaxed);
         let began = Instant::now();
         let outcome = try_once(shared, target, request, &mut body, front, per_try, activity).await;
         stats.in_flight.fetch_sub(1, Relaxed);
+        route.in_flight.fetch_sub(1, Relaxed);
         stats.observe(
             &shared.bounds_ns,
             began.elapsed(),

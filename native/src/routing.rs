@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +53,8 @@ pub struct Policy {
     pub panic_threshold: u32,
     /// A call on which nothing moved this long is ended; None: never.
     pub stream_idle_timeout: Option<Duration>,
+    /// The request header ring_hash hashes; None: no hash key.
+    pub hash_header: Option<http::HeaderName>,
     /// New endpoints and weight increases ramp up; None: at once.
     pub slow_start: Option<SlowStart>,
 }
@@ -68,6 +70,8 @@ pub struct Route {
     /// Per Service; they outlive set updates.
     pub budget: Arc<Budget>,
     pub counters: Arc<ServiceCounters>,
+    /// This proxy's calls in flight on this route, for ring_hash's load bound.
+    pub in_flight: AtomicI64,
 }
 
 /// What the load-aware strategies read: this proxy's calls in flight to each endpoint of the
@@ -79,12 +83,22 @@ impl Load for Route {
     }
 
     #[inline]
+    fn total_in_flight(&self) -> u64 {
+        self.in_flight.load(Relaxed).max(0) as u64
+    }
+
+    #[inline]
     fn latency_ns(&self, i: usize) -> f64 {
         self.targets[i].stats.rtt.estimate_ns()
     }
 
     fn name(&self, i: usize) -> &str {
         &self.targets[i].backend.hostport
+    }
+
+    #[inline]
+    fn available(&self, i: usize) -> bool {
+        self.targets[i].available()
     }
 }
 
@@ -93,8 +107,8 @@ impl Route {
     /// avoiding `avoid` (where the call just failed) when another can. Skipping keeps each
     /// strategy's proportions among the rest (a rotation moves on, a random draw is drawn
     /// again). Below the panic threshold, the pick is the strategy's among all endpoints.
-    pub fn pick(&self, avoid: Option<usize>) -> Result<usize, String> {
-        let first = self.picker.pick(self)?;
+    pub fn pick(&self, avoid: Option<usize>, key: Option<u64>) -> Result<usize, String> {
+        let first = self.picker.pick(self, key)?;
         let admitted = self.admits(first);
         if Some(first) != avoid && admitted && self.targets[first].available() {
             return Ok(first); // the usual case: one pick, two loads
@@ -106,9 +120,10 @@ impl Route {
         if admitted && usable(first) {
             return Ok(first);
         }
-        // A rotation reaches every endpoint within n picks; a weighted one almost surely.
-        for _ in 0..n.max(4) {
-            let i = self.picker.pick(self)?;
+        // A rotation reaches every endpoint within n picks; a weighted one almost surely. A
+        // keyed pick (ring_hash) would pick the same again: straight to the draw below.
+        for _ in 0..if key.is_some() { 0 } else { n.max(4) } {
+            let i = self.picker.pick(self, key)?;
             if usable(i) && self.admits(i) {
                 return Ok(i);
             }
@@ -306,23 +321,25 @@ mod tests {
             key: "ns/a".into(),
             targets,
             weights: weights.to_vec(),
-            picker: Picker::build(strategy, weights, 0, "empty".into()).unwrap(),
+            picker: Picker::build(strategy, weights, &[], 0, 1.25, "empty".into()).unwrap(),
             policy: Policy {
                 retry: None,
                 outlier: None,
                 panic_threshold,
                 stream_idle_timeout: None,
+                hash_header: None,
                 slow_start: None,
             },
             budget: Arc::default(),
             counters,
+            in_flight: AtomicI64::new(0),
         }
     }
 
     fn shares(r: &Route, picks: usize) -> Vec<usize> {
         let mut n = vec![0; r.targets.len()];
         for _ in 0..picks {
-            n[r.pick(None).unwrap()] += 1;
+            n[r.pick(None, None).unwrap()] += 1;
         }
         n
     }
@@ -356,7 +373,7 @@ mod tests {
         r.targets[1].backend.set_down(true);
         assert_eq!(shares(&r, 300), [0, 0, 300]);
         r.targets[2].backend.set_down(true);
-        let e = r.pick(None).unwrap_err();
+        let e = r.pick(None, None).unwrap_err();
         assert!(
             e.starts_with(
                 "no endpoint of Service ns/a can take calls (10.0.0.0:80 connect_failing"
@@ -369,10 +386,10 @@ mod tests {
     fn a_retry_avoids_the_endpoint_that_failed_unless_it_is_the_only_one() {
         let r = route("random", &[1, 1], 50);
         for _ in 0..50 {
-            assert_eq!(r.pick(Some(0)), Ok(1));
+            assert_eq!(r.pick(Some(0), None), Ok(1));
         }
         let r = route("random", &[1], 50);
-        assert_eq!(r.pick(Some(0)), Ok(0));
+        assert_eq!(r.pick(Some(0), None), Ok(0));
     }
 
     #[test]
@@ -417,14 +434,14 @@ mod tests {
         r.policy.slow_start = Some(policy);
         r.targets[1].ramp.begin(0.0); // at the floor: 25% admitted
         let n = 40_000;
-        let second = (0..n).filter(|_| r.pick(None) == Ok(1)).count() as f64 / n as f64;
+        let second = (0..n).filter(|_| r.pick(None, None) == Ok(1)).count() as f64 / n as f64;
         // Weight 1 × 0.25 against 1: a fifth.
         assert!((second - 0.2).abs() < 0.015, "{second}");
         // A rotation skips its turn three times in four.
         let mut rr = route("round_robin", &[1, 1, 1], 0);
         rr.policy.slow_start = Some(policy);
         rr.targets[2].ramp.begin(0.0);
-        let third = (0..n).filter(|_| rr.pick(None) == Ok(2)).count() as f64 / n as f64;
+        let third = (0..n).filter(|_| rr.pick(None, None) == Ok(2)).count() as f64 / n as f64;
         assert!(third < 0.15 && third > 0.05, "{third}");
     }
 }

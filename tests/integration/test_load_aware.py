@@ -119,3 +119,66 @@ async def test_a_new_endpoint_ramps_up_under_slow_start(
         await asyncio.sleep(2.5)
         late = collections.Counter([await who(ch) for _ in range(300)])
         assert late == {"a": 100, "b": 100, "c": 100}, late
+
+
+async def test_ring_hash_keeps_keys_and_bounds_a_hot_one(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
+) -> None:
+    """Calls with the same x-user-id reach the same backend; when one of 4 backends leaves,
+    only its keys move; a hot key's calls spill round the ring beyond c = 1.25 times the
+    mean."""
+    options = {"hash": "header: x-user-id; bound: 125%"}
+    async with (
+        backends(0, 0, 0) as bes,
+        backends(0) as (d,),
+        running_proxy(etcd_server.endpoint, scheme, seed=11) as proxy,
+        channel(proxy) as ch,
+    ):
+        d.name = "d"
+        four = [*bes, d]
+
+        async def owner(user: str) -> str:
+            call = ch.unary_unary("/test.Echo/Unary")(
+                b"", metadata=(("x-user-id", user),), timeout=10
+            )
+            md = dict(await call.initial_metadata())
+            await call
+            return str(md["x-backend"])
+
+        await applied(proxy, await put(etcd, scheme, "ring_hash", four, options=options))
+        users = [f"user-{i}" for i in range(200)]
+        before = {u: await owner(u) for u in users}
+        assert before == {u: await owner(u) for u in users}, "a key keeps its backend"
+        assert len(set(before.values())) == 4, "keys spread over all"
+        await applied(proxy, await put(etcd, scheme, "ring_hash", bes, options=options))
+        after = {u: await owner(u) for u in users}
+        moved = [u for u in users if after[u] != before[u]]
+        assert all(before[u] == "d" for u in moved), "only the leaving backend's keys move"
+        assert len(moved) <= 1.5 / 4 * len(users), moved
+
+        # A hot key: 9 calls held open at once. Bound: ceil(1.25 x 9 / 3) = 4 per backend.
+        await applied(proxy, await put(etcd, scheme, "ring_hash", bes, options=options))
+        held = [
+            ch.unary_stream("/test.Echo/ServerStream")(
+                b"3", metadata=(("x-user-id", "hot"), ("x-hold", "1")), timeout=20
+            )
+            for _ in range(9)
+        ]
+        firsts = [await call.read() for call in held]  # each has its first message
+        loads = [b.in_flight for b in bes]
+        assert sum(loads) == 9 and max(loads) <= 4, (loads, firsts)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.admin_port}") as admin:
+            answer = await admin_pb2_grpc.AdminStub(admin).Explain(
+                admin_pb2.ExplainRequest(
+                    authority="echo.default",
+                    method="/test.Echo/Unary",
+                    headers={"x-user-id": "hot"},
+                )
+            )
+        assert answer.reason.startswith("ring_hash: key "), answer.reason
+        for b in bes:
+            b.release.set()
+        for call in held:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+            assert await call.code() == grpc.StatusCode.OK

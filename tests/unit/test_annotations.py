@@ -96,6 +96,17 @@ def test_strategy_is_required_and_checked() -> None:
     assert "round_robin" in info.value.message
 
 
+def test_ring_hash_needs_a_hash_key() -> None:
+    with pytest.raises(AnnotationError) as info:
+        parse_service({"weighbridge.io/strategy": "ring_hash"})
+    assert info.value.reason == "InvalidHash"
+    assert "weighbridge.io/hash" in info.value.message
+    spec = parse_service(
+        {"weighbridge.io/strategy": "ring_hash", "weighbridge.io/hash": "header: x-user-id"}
+    )
+    assert spec.options == {"hash": "header: x-user-id; bound: 125%"}
+
+
 def test_grpc_services_and_port() -> None:
     spec = parse_service(
         {

@@ -378,3 +378,20 @@ def test_slow_start_text_round_trips_and_refuses_nonsense() -> None:
     ):
         with pytest.raises(ValueError, match=message):
             parse_slow_start(text)
+
+
+def test_hash_key_text() -> None:
+    from weighbridge.policy import HashKey, format_hash, parse_hash
+
+    key = parse_hash("header: x-user-id")
+    assert key == HashKey(header="x-user-id", bound_percent=125)
+    assert parse_hash(format_hash(key)) == key
+    assert parse_hash("header: tenant; bound: 150%").engine_args() == ("tenant", 150)
+    for text, message in (
+        ("bound: 150%", "'header' is required"),
+        ("header: X-User", "is not a request header name"),
+        ("header: :path", "is not a request header name"),
+        ("header: a; bound: 90%", "90% is not from 100% to 1000%"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_hash(text)

@@ -12,6 +12,7 @@
 mod least_request;
 mod peak_ewma;
 mod random;
+mod ring_hash;
 mod round_robin;
 mod two_choices;
 mod weighted_random;
@@ -20,18 +21,20 @@ mod weighted_round_robin;
 pub use least_request::LeastRequest;
 pub use peak_ewma::{Ewma, PeakEwma};
 pub use random::Random;
+pub use ring_hash::{hash as hash_key, RingHash};
 pub use round_robin::RoundRobin;
 pub use weighted_random::WeightedRandom;
 pub use weighted_round_robin::WeightedRoundRobin;
 
 /// The strategies this engine executes, by the names the backend-set contract uses.
-pub const NAMES: [&str; 6] = [
+pub const NAMES: [&str; 7] = [
     round_robin::NAME,
     random::NAME,
     weighted_round_robin::NAME,
     weighted_random::NAME,
     least_request::NAME,
     peak_ewma::NAME,
+    ring_hash::NAME,
 ];
 
 /// What the load-aware strategies read of endpoint `i` (an index into the set's eligible
@@ -39,10 +42,16 @@ pub const NAMES: [&str; 6] = [
 pub trait Load {
     /// Calls in flight to it from this proxy.
     fn in_flight(&self, i: usize) -> u64;
+    /// Calls in flight to all of them from this proxy.
+    fn total_in_flight(&self) -> u64;
     /// Its latency estimate (peak EWMA of the time to response headers), in ns.
     fn latency_ns(&self, i: usize) -> f64;
     /// HOST:PORT, for explanations.
     fn name(&self, i: usize) -> &str;
+    /// Whether it can take calls (not down, ejected or failing health checks).
+    fn available(&self, _i: usize) -> bool {
+        true
+    }
 }
 
 pub enum Picker {
@@ -52,18 +61,23 @@ pub enum Picker {
     WeightedRandom(WeightedRandom),
     LeastRequest(LeastRequest),
     PeakEwma(PeakEwma),
+    RingHash(RingHash),
     /// Every pick fails with this message (a set with no eligible endpoint).
     Fail(String),
 }
 
 impl Picker {
-    /// The picker of `strategy` over endpoints of `weights` (all > 0), or `Fail(empty)` when
-    /// there are none. `start` is a random draw that sets where rotations begin, so proxies
-    /// that rebuilt their pickers at the same moment do not all pick the same endpoint next.
+    /// The picker of `strategy` over endpoints of `weights` (all > 0), named by `keys`
+    /// (HOST:PORT, for ring_hash's points), or `Fail(empty)` when there are none. `start` is
+    /// a random draw that sets where rotations begin, so proxies that rebuilt their pickers at
+    /// the same moment do not all pick the same endpoint next; `bound` is ring_hash's load
+    /// bound.
     pub fn build(
         strategy: &str,
         weights: &[u32],
+        keys: &[String],
         start: u64,
+        bound: f64,
         empty: String,
     ) -> Result<Self, String> {
         if !NAMES.contains(&strategy) {
@@ -88,13 +102,15 @@ impl Picker {
             }
             least_request::NAME => Picker::LeastRequest(LeastRequest::new(weights)),
             peak_ewma::NAME => Picker::PeakEwma(PeakEwma::new(weights)),
+            ring_hash::NAME => Picker::RingHash(RingHash::new(keys, weights, bound)),
             _ => Picker::WeightedRandom(WeightedRandom::new(weights)),
         })
     }
 
-    /// The index of the endpoint for this call; `load` is read by the load-aware strategies.
+    /// The index of the endpoint for this call; `load` is read by the load-aware strategies,
+    /// `key` (the call's hashed header) by ring_hash.
     #[inline]
-    pub fn pick(&self, load: &dyn Load) -> Result<usize, &str> {
+    pub fn pick(&self, load: &dyn Load, key: Option<u64>) -> Result<usize, &str> {
         match self {
             Picker::RoundRobin(p) => Ok(p.pick()),
             Picker::Random(p) => Ok(p.pick()),
@@ -102,13 +118,14 @@ impl Picker {
             Picker::WeightedRandom(p) => Ok(p.pick()),
             Picker::LeastRequest(p) => Ok(p.pick(load)),
             Picker::PeakEwma(p) => Ok(p.pick(load)),
+            Picker::RingHash(p) => Ok(p.pick(load, key)),
             Picker::Fail(message) => Err(message),
         }
     }
 
     /// The endpoint the next pick would take and why, without changing any state (random
     /// strategies draw one to show).
-    pub fn explain(&self, load: &dyn Load) -> Result<(usize, String), &str> {
+    pub fn explain(&self, load: &dyn Load, key: Option<u64>) -> Result<(usize, String), &str> {
         match self {
             Picker::RoundRobin(p) => Ok(p.explain()),
             Picker::Random(p) => Ok(p.explain()),
@@ -116,6 +133,7 @@ impl Picker {
             Picker::WeightedRandom(p) => Ok(p.explain()),
             Picker::LeastRequest(p) => Ok(p.explain(load)),
             Picker::PeakEwma(p) => Ok(p.explain(load)),
+            Picker::RingHash(p) => Ok(p.explain(load, key)),
             Picker::Fail(message) => Err(message),
         }
     }
@@ -130,6 +148,7 @@ mod tests {
         in_flight: Vec<u64>,
         latency: Vec<f64>,
         names: Vec<String>,
+        pub down: Vec<bool>,
     }
 
     impl Fixed {
@@ -140,6 +159,7 @@ mod tests {
                 names: (0..in_flight.len())
                     .map(|i| format!("10.0.0.{i}:1"))
                     .collect(),
+                down: vec![false; in_flight.len()],
             }
         }
 
@@ -158,44 +178,51 @@ mod tests {
         fn in_flight(&self, i: usize) -> u64 {
             self.in_flight[i]
         }
+        fn total_in_flight(&self) -> u64 {
+            self.in_flight.iter().sum()
+        }
         fn latency_ns(&self, i: usize) -> f64 {
             self.latency[i]
         }
         fn name(&self, i: usize) -> &str {
             &self.names[i]
         }
+        fn available(&self, i: usize) -> bool {
+            !self.down[i]
+        }
     }
 
     #[test]
     fn unknown_strategies_and_zero_weights_are_refused() {
-        let e = Picker::build("teleport", &[1], 0, String::new())
+        let e = Picker::build("teleport", &[1], &[], 0, 1.25, String::new())
             .err()
             .unwrap();
         assert!(e.contains("unknown strategy \"teleport\""), "{e}");
         assert!(e.contains(
-            "round_robin, random, weighted_round_robin, weighted_random, least_request, peak_ewma"
+            "round_robin, random, weighted_round_robin, weighted_random, least_request, peak_ewma, \
+             ring_hash"
         ));
-        assert!(Picker::build("random", &[1, 0], 0, String::new()).is_err());
+        assert!(Picker::build("random", &[1, 0], &[], 0, 1.25, String::new()).is_err());
     }
 
     #[test]
     fn no_endpoints_fail_every_pick_with_the_message() {
         for name in NAMES {
-            let p = Picker::build(name, &[], 3, "nothing to pick".into()).unwrap();
+            let p = Picker::build(name, &[], &[], 3, 1.25, "nothing to pick".into()).unwrap();
             let load = Fixed::idle(0);
-            assert_eq!(p.pick(&load), Err("nothing to pick"));
-            assert_eq!(p.explain(&load).err(), Some("nothing to pick"));
+            assert_eq!(p.pick(&load, None), Err("nothing to pick"));
+            assert_eq!(p.explain(&load, None).err(), Some("nothing to pick"));
         }
     }
 
     #[test]
     fn explain_names_the_next_pick_of_rotations() {
         for name in [round_robin::NAME, weighted_round_robin::NAME] {
-            let p = Picker::build(name, &[3, 1, 2], 5, String::new()).unwrap();
+            let p = Picker::build(name, &[3, 1, 2], &[], 5, 1.25, String::new()).unwrap();
             let load = Fixed::idle(3);
             for _ in 0..20 {
-                let (next, _) = p.explain(&load).unwrap();
-                assert_eq!(p.pick(&load), Ok(next), "{name}");
+                let (next, _) = p.explain(&load, None).unwrap();
+                assert_eq!(p.pick(&load, None), Ok(next), "{name}");
             }
         }
     }

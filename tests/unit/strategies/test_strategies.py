@@ -14,6 +14,7 @@ WEIGHTED = {
     "weighted_random": True,
     "least_request": True,
     "peak_ewma": True,
+    "ring_hash": True,
 }
 
 
