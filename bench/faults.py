@@ -56,7 +56,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -584,11 +583,7 @@ def main(argv: list[str] | None = None) -> None:
     bins = launch.build_go()
     results: list[Result] = []
     with contextlib.ExitStack() as stack:
-        if args.keep:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            top = Path(tempfile.mkdtemp(prefix="faults-", dir=args.keep))
-        else:
-            top = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wb-faults-")))
+        top = launch.work_dir(stack, args.keep, "faults")
         etcd = stack.enter_context(etcd_running(top))
         for scenario in scenarios:
             for target in targets:

@@ -13,11 +13,13 @@ alike: TLS 1.3 only, TLS_AES_128_GCM_SHA256, X25519, ALPN h2, an ECDSA P-256 cer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,15 @@ class TLSFiles:
     key: Path
     pem: Path
     server_name: str = "localhost"
+
+
+def work_dir(stack: contextlib.ExitStack, keep: Path | None, prefix: str) -> Path:
+    """A directory for one run's files: a new one under ``keep`` (left for reading), else a
+    temporary one that ``stack`` removes at the end."""
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=keep))
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"wb-{prefix}-")))
 
 
 def make_tls(work: Path) -> TLSFiles:

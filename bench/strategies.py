@@ -46,7 +46,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -362,11 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     bins = launch.build_go()
     results: list[Result] = []
     with contextlib.ExitStack() as stack:
-        if args.keep:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            top = Path(tempfile.mkdtemp(prefix="strategies-", dir=args.keep))
-        else:
-            top = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wb-strat-")))
+        top = launch.work_dir(stack, args.keep, "strategies")
         etcd = stack.enter_context(etcd_running(top))
         for variant in variants:
             results += run_variant(variant, targets, bins, etcd, top, spec, args)
