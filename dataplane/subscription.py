@@ -107,7 +107,12 @@ class Subscription:
         loop = asyncio.get_running_loop()
         backoff = 0.1
         failure_delay, last_failure = self.retry_first, -math.inf
+        task = asyncio.current_task()
         while True:
+            # A stop request that something below swallowed (a timeout expiring at the same
+            # moment, a library's cleanup) still ends the subscription.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             try:
                 revision = await self._list()
                 backoff = 0.1
@@ -189,9 +194,12 @@ class Subscription:
     async def _watch(self, start: int) -> None:
         try:
             # aetcd can wait without a deadline for a watch to be created on a broken stream.
-            watch = await asyncio.wait_for(
-                self.etcd.watch_prefix(self.scheme.services_prefix, start_revision=start), 10
-            )
+            # (asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation
+            # that lands as the awaited call completes, and the task would then watch on.)
+            async with asyncio.timeout(10):
+                watch = await self.etcd.watch_prefix(
+                    self.scheme.services_prefix, start_revision=start
+                )
         except TimeoutError as exc:
             raise EtcdUnavailableError("creating the etcd watch timed out") from exc
         retry = asyncio.timeout_at(self._retry_at)
@@ -220,8 +228,17 @@ class Subscription:
         finally:
             # Bounded too: on a stream that broke under it (etcd restarted), aetcd's cancel can
             # wait forever, and the proxy would never finish stopping.
-            with contextlib.suppress(*CLIENT_ERRORS, TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(watch.cancel(), 2)
+            try:
+                async with asyncio.timeout(2):
+                    await watch.cancel()
+            except (*CLIENT_ERRORS, TimeoutError):
+                pass
+            except asyncio.CancelledError:
+                # aetcd's own cleanup may raise it; this task being stopped must not be
+                # swallowed, or a stop that lands here leaves the subscription running.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
         raise EtcdUnavailableError("watch stream ended")
 
     def _applied(self, revision: int) -> None:
