@@ -12,11 +12,8 @@ from typing import Any
 import aetcd
 import grpc
 import pytest
-import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from structlog.testing import LogCapture
 
-from dataplane import health, routing, subscription
 from dataplane.health import SYNC
 from dataplane.strategies import RouteConfig
 from devtools import testenv
@@ -41,18 +38,6 @@ async def etcd(private_etcd: testenv.Etcd) -> AsyncIterator[aetcd.Client]:
     client = store.client(private_etcd.endpoint)
     yield client
     await store.close(client)
-
-
-@pytest.fixture
-def logs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """What the proxy's subscription, routes and health log, as event dicts."""
-    capture = LogCapture()
-    logger = structlog.wrap_logger(
-        None, processors=[capture], wrapper_class=structlog.make_filtering_bound_logger(0)
-    )
-    for module in (routing, subscription, health):
-        monkeypatch.setattr(module, "log", logger)
-    return capture.entries
 
 
 async def status(proxy: Any, service: str) -> int:

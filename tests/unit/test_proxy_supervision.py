@@ -10,13 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import structlog
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
-from structlog.testing import LogCapture
 
-from dataplane import health, routing, subscription
+from dataplane import subscription
 from dataplane.health import SYNC, follow_sync
 from dataplane.metrics import ProxyCollector
 from dataplane.routing import Routes
@@ -61,18 +59,6 @@ class FailingEngine(FakeEngine):
         if key in self.failures:
             raise self.failures[key]
         super().remove(key)
-
-
-@pytest.fixture
-def logs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """What the subscription, the routes and health log, as event dicts."""
-    capture = LogCapture()
-    logger = structlog.wrap_logger(
-        None, processors=[capture], wrapper_class=structlog.make_filtering_bound_logger(0)
-    )
-    for module in (routing, subscription, health):
-        monkeypatch.setattr(module, "log", logger)
-    return capture.entries
 
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
