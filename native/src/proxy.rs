@@ -503,7 +503,10 @@ async fn serve_call(
         stats.in_flight.fetch_add(1, Relaxed);
         route.in_flight.fetch_add(1, Relaxed);
         let began = Instant::now();
-        let outcome = try_once(shared, target, request, &mut body, front, per_try, activity).await;
+        let outcome = try_once(
+            shared, target, request, &mut body, front, per_try, began, activity,
+        )
+        .await;
         stats.in_flight.fetch_sub(1, Relaxed);
         route.in_flight.fetch_sub(1, Relaxed);
         stats.observe(
@@ -640,7 +643,9 @@ fn unprocessed(e: &h2::Error) -> bool {
     e.is_remote() && (e.is_go_away() || e.reason() == Some(Reason::REFUSED_STREAM))
 }
 
-/// Carries one try to `target` and, once it answers, back.
+/// Carries one try to `target` and, once it answers, back; `began` is when the try began
+/// (its time to response headers feeds the endpoint's latency estimate).
+#[allow(clippy::too_many_arguments)]
 async fn try_once(
     shared: &Shared,
     target: &Target,
@@ -648,6 +653,7 @@ async fn try_once(
     body: &mut RequestBody<'_>,
     front: &mut Front,
     per_try: Option<Duration>,
+    began: Instant,
     activity: &Activity,
 ) -> Try {
     let lost = |e: String| {
@@ -660,7 +666,6 @@ async fn try_once(
             Verdict::Bad(e),
         )
     };
-    let began = Instant::now();
     let mut lease = match target.backend.sender().await {
         Ok(lease) => lease,
         Err(why) => {
