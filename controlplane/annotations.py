@@ -50,6 +50,7 @@ BACKEND_TLS: Final = PREFIX + policy.BACKEND_TLS
 STREAM_IDLE_TIMEOUT: Final = PREFIX + policy.STREAM_IDLE_TIMEOUT
 SLOW_START: Final = PREFIX + policy.SLOW_START
 HASH: Final = PREFIX + policy.HASH
+ZONE_AWARE: Final = PREFIX + policy.ZONE_AWARE
 
 POLICIES: Final = {
     RETRY: (policy.RETRY, "InvalidRetry"),
@@ -60,6 +61,7 @@ POLICIES: Final = {
     STREAM_IDLE_TIMEOUT: (policy.STREAM_IDLE_TIMEOUT, "InvalidStreamIdleTimeout"),
     SLOW_START: (policy.SLOW_START, "InvalidSlowStart"),
     HASH: (policy.HASH, "InvalidHash"),
+    ZONE_AWARE: (policy.ZONE_AWARE, "InvalidZoneAware"),
 }
 """Policy annotation → (its ``BackendSet.options`` key, the Event reason of an error)."""
 
@@ -173,6 +175,17 @@ def parse_service(annotations: Mapping[str, str]) -> ServiceSpec:
             "InvalidHash",
             f"{STRATEGY}: ring_hash needs {HASH} naming the request header to hash "
             "(like 'header: x-user-id')",
+        )
+    if (
+        strategy == "ring_hash"
+        and policy.ZONE_AWARE in options
+        and policy.parse_zone_aware(options[policy.ZONE_AWARE]).prefer
+    ):
+        raise AnnotationError(
+            "InvalidZoneAware",
+            f"{ZONE_AWARE}: ring_hash keeps each key on one endpoint whatever the zone; "
+            "zone preference does not combine with it (use 'off', or 'prefer: off' to follow "
+            "EndpointSlice hints only)",
         )
     return ServiceSpec(
         strategy=strategy,

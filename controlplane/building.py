@@ -39,6 +39,8 @@ class RawEndpoint:
     zone: str
     node: str
     pod: str
+    hint_zones: tuple[str, ...] = ()
+    hint_nodes: tuple[str, ...] = ()
 
     @property
     def rank(self) -> tuple[bool, bool]:
@@ -94,6 +96,7 @@ def endpoints_from_slices(slices: Iterable[Obj], port_name: str) -> list[RawEndp
             serving = cond.get("serving")
             serving = ready if serving is None else bool(serving)
             ref = ep.get("targetRef") or {}
+            hints = ep.get("hints") or {}
             raw = RawEndpoint(
                 address=addresses[0],
                 port=port,
@@ -102,6 +105,8 @@ def endpoints_from_slices(slices: Iterable[Obj], port_name: str) -> list[RawEndp
                 zone=ep.get("zone") or "",
                 node=ep.get("nodeName") or "",
                 pod=ref.get("name", "") if ref.get("kind") == "Pod" else "",
+                hint_zones=_hint_names(hints.get("forZones")),
+                hint_nodes=_hint_names(hints.get("forNodes")),
             )
             _keep_best(found, raw)
     return sorted(found.values(), key=lambda e: (e.address, e.port))
@@ -128,6 +133,15 @@ def endpoints_from_endpoints(obj: Obj | None, port_name: str) -> list[RawEndpoin
                 )
                 _keep_best(found, raw)
     return sorted(found.values(), key=lambda e: (e.address, e.port))
+
+
+def _hint_names(hints: object) -> tuple[str, ...]:
+    """The names of an EndpointSlice endpoint's ``hints.forZones`` or ``hints.forNodes``
+    (``[{"name": ...}]``), sorted; anything else in them is ignored."""
+    if not isinstance(hints, list):
+        return ()
+    names = {h["name"] for h in hints if isinstance(h, dict) and isinstance(h.get("name"), str)}
+    return tuple(sorted(names))
 
 
 def _port_number(ports: Sequence[Obj], name: str) -> int | None:
@@ -285,6 +299,8 @@ def build_backend_set(
                 node=e.node,
                 serving=e.serving,
                 terminating=e.terminating,
+                hint_zones=e.hint_zones,
+                hint_nodes=e.hint_nodes,
             )
             for e, w in zip(raw, weights, strict=True)
         ),

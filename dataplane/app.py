@@ -24,6 +24,8 @@ from dataplane.routing import Routes
 from dataplane.settings import ProxySettings
 from dataplane.subscription import StatusPublisher, Subscription
 from weighbridge.cli import split_hostport
+from weighbridge.errors import EtcdUnavailableError
+from weighbridge.etcd import count_proxy_zones
 from weighbridge.keys import KeyScheme
 from weighbridge.v1 import admin_pb2, admin_pb2_grpc
 
@@ -97,6 +99,9 @@ class Proxy:
         self._metrics: tuple[object, threading.Thread] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._events: asyncio.Task[None] | None = None
+        self.proxy_zones: dict[str, int] = {}
+        """Live proxies per zone at the last count (empty: not counted; this proxy's zone is
+        unknown)."""
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,8 +119,11 @@ class Proxy:
                 self.proxy_id,
                 self.subscription,
                 lambda: len(self.routes.services),
+                zone=self.settings.zone,
             )
             self._tasks.append(loop.create_task(status.run(), name="status"))
+        if self.settings.zone:
+            self._tasks.append(loop.create_task(self._count_proxy_zones(), name="proxy-zones"))
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.settings.admin_listen:
             await self._start_admin(self.settings.admin_listen)
@@ -180,6 +188,26 @@ class Proxy:
                 seen = now
                 again = self.routes.reapply_backend_tls()
                 log.info("backend_tls_files_changed", services_reapplied=again)
+
+    async def _count_proxy_zones(self) -> None:
+        """Counts the live proxies per zone now and then (their status keys), and hands the
+        count to the engine when it changed: zone-aware routing weighs each zone's endpoints
+        against its share of the proxies. This proxy counts itself before its status shows.
+        While etcd is unreachable the last count stands."""
+        zone, last = self.settings.zone, None
+        while True:
+            try:
+                counts = await count_proxy_zones(self.etcd, self.scheme)
+            except EtcdUnavailableError as exc:
+                log.debug("proxy_zones_not_counted", error=str(exc))
+            else:
+                counts[zone] = max(counts.get(zone, 0), 1)
+                if counts != last:
+                    self.engine.set_proxy_zones(counts)
+                    log.info("proxy_zones", zone=zone, proxies=counts)
+                    last = counts
+                    self.proxy_zones = counts
+            await asyncio.sleep(self.settings.proxy_zones_refresh_s)
 
     async def _mark_serving(self) -> None:
         await self.subscription.listed.wait()

@@ -163,6 +163,14 @@ class Engine(Protocol):
 
     def remove(self, key: ServiceKey) -> None: ...
 
+    def set_proxy_zones(self, proxies: Mapping[str, int]) -> None:
+        """How many live proxies run in each zone, this one included: zone plans follow."""
+
+    def zone_plan(self, key: ServiceKey) -> str | None:
+        """Service ``key``'s zone plan in words (which zones its calls go to, and why); None
+        when it has no route or its zone-aware routing is off."""
+        ...
+
     def set_grpc_services(self, table: Mapping[str, ServiceKey]) -> None:
         """gRPC service name → the Service that serves calls for it by name."""
 
@@ -255,6 +263,8 @@ class NativeEngine:
             limits=client_limits(settings),
             tls=settings.engine_tls,
             seed=seed,
+            zone=settings.zone,
+            node=settings.node,
         )
 
     @property
@@ -286,7 +296,15 @@ class NativeEngine:
                 if failover.backend_tls
                 else None
             ),
+            zone_aware=failover.zone_aware.engine_args(),
+            places=[(e.zone, list(e.hint_zones), list(e.hint_nodes)) for e in route.endpoints],
         )
+
+    def set_proxy_zones(self, proxies: Mapping[str, int]) -> None:
+        self._engine.set_proxy_zones(dict(proxies))
+
+    def zone_plan(self, key: ServiceKey) -> str | None:
+        return self._engine.zone_plan(key)
 
     def remove(self, key: ServiceKey) -> None:
         self._engine.remove(key)

@@ -219,6 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest gRPC message in either direction (%(default)s = 16 MiB)",
     )
     p.add_argument(
+        "--zone",
+        default=d.zone,
+        help="this proxy's zone, for zone-aware routing and EndpointSlice hints (default: "
+        "unknown; the chart passes the pod's topology.kubernetes.io/zone label)",
+    )
+    p.add_argument(
+        "--node",
+        default=d.node,
+        help="this proxy's node name, for EndpointSlice node hints (default: unknown; the chart "
+        "passes spec.nodeName)",
+    )
+    p.add_argument(
+        "--proxy-zones-refresh",
+        type=float,
+        default=d.proxy_zones_refresh_s,
+        metavar="SECONDS",
+        help="how often the proxies are counted per zone, for zone-aware routing (%(default)s)",
+    )
+    p.add_argument(
         "--id",
         default=os.environ.get("POD_NAME") or socket.gethostname(),
         help="proxy identity in its etcd status key (default: $POD_NAME or host name)",
@@ -276,6 +295,9 @@ def settings_of(args: argparse.Namespace) -> ProxySettings:
         backend_client_key=args.backend_client_key,
         grace=args.grace,
         eager_connections=not args.lazy_connect,
+        zone=args.zone,
+        node=args.node,
+        proxy_zones_refresh_s=args.proxy_zones_refresh,
     )
 
 

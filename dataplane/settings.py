@@ -122,6 +122,17 @@ class ProxySettings:
     """Seconds a call waits for a free stream on an endpoint whose connections all carry as many
     calls as it allows (``max_backend_connections`` of them); then it goes to another endpoint
     (a transparent retry) or fails UNAVAILABLE, rather than queueing without bound."""
+    zone: str = ""
+    """This proxy's zone (``topology.kubernetes.io/zone``), for zone-aware routing and
+    EndpointSlice hints; "": unknown (no zone preference). The chart passes the pod's label,
+    which Kubernetes copies from its node (PodTopologyLabels, on by default since 1.35)."""
+    node: str = ""
+    """This proxy's node name, for EndpointSlice node hints; "": unknown. The chart passes
+    ``spec.nodeName``."""
+    proxy_zones_refresh_s: float = 10.0
+    """Seconds between counts of the live proxies per zone (their etcd status keys), which
+    zone-aware routing weighs endpoints against: a proxy that comes or goes changes the plans
+    within this, and a count costs etcd one small list."""
     max_message_bytes: int = 16 << 20
     """Largest gRPC message either way: 16 MiB holds what real APIs send (gRPC's own default
     of 4 MiB is often raised) while bounding what one call can make the proxy forward."""
@@ -155,6 +166,7 @@ class ProxySettings:
             ("client handshake timeout", self.client_handshake_timeout_s),
             ("client keepalive timeout", self.client_keepalive_timeout_s),
             ("backend stream wait", self.backend_stream_wait_s),
+            ("proxy zones refresh", self.proxy_zones_refresh_s),
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be > 0 s, not {value}")

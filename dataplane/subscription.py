@@ -264,6 +264,7 @@ class StatusPublisher:
         subscription: Subscription,
         count: Callable[[], int],
         *,
+        zone: str = "",
         ttl: int = 10,
     ) -> None:
         self.etcd = etcd
@@ -271,6 +272,7 @@ class StatusPublisher:
         self.proxy_id = proxy_id
         self.subscription = subscription
         self.count = count
+        self.zone = zone
         self.ttl = ttl
 
     async def run(self) -> None:
@@ -303,6 +305,7 @@ class StatusPublisher:
             applied_revision=self.subscription.applied_revision,
             updated_unix_nanos=time.time_ns(),
             backend_sets=self.count(),
+            zone=self.zone,
         )
         await self.etcd.put(
             self.scheme.proxy(self.proxy_id), status.SerializeToString(), lease=lease_id

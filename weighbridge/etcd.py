@@ -330,6 +330,23 @@ async def delete_set(etcd: aetcd.Client, scheme: KeyScheme, key: ServiceKey) -> 
     return result is not None and result.deleted > 0
 
 
+async def count_proxy_zones(etcd: aetcd.Client, scheme: KeyScheme) -> dict[str, int]:
+    """Live proxies per zone, from their status keys (proxies of unknown zone not counted)."""
+    try:
+        proxies = await etcd.get_prefix(scheme.proxies_prefix)
+    except CLIENT_ERRORS as exc:
+        raise wrap_error("counting proxies per zone", exc) from exc
+    zones: dict[str, int] = {}
+    for kv in proxies.kvs:
+        try:
+            zone = pb.ProxyStatus.FromString(kv.value).zone
+        except Exception:
+            continue
+        if zone:
+            zones[zone] = zones.get(zone, 0) + 1
+    return zones
+
+
 async def list_proxy_statuses(
     etcd: aetcd.Client, scheme: KeyScheme
 ) -> tuple[list[pb.ProxyStatus], int]:

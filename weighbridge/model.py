@@ -51,6 +51,10 @@ class Endpoint:
     node: str = ""
     serving: bool = True
     terminating: bool = False
+    hint_zones: tuple[str, ...] = ()
+    """EndpointSlice ``hints.forZones``: the zones whose consumers should use it."""
+    hint_nodes: tuple[str, ...] = ()
+    """EndpointSlice ``hints.forNodes``: the nodes whose consumers should use it."""
 
     def __post_init__(self) -> None:
         try:
@@ -135,6 +139,8 @@ def endpoint_to_proto(e: Endpoint) -> pb.Endpoint:
         node=e.node,
         serving=e.serving,
         terminating=e.terminating,
+        hint_zones=e.hint_zones,
+        hint_nodes=e.hint_nodes,
     )
 
 
@@ -176,6 +182,8 @@ def decode(data: bytes) -> BackendSet:
                     node=e.node,
                     serving=e.serving,
                     terminating=e.terminating,
+                    hint_zones=tuple(e.hint_zones),
+                    hint_nodes=tuple(e.hint_nodes),
                 )
                 for e in msg.endpoints
             ),

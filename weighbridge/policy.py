@@ -1,10 +1,11 @@
 """Policies of a Service beyond its strategy: configured retries, outlier detection, active
-health checks, the panic threshold, TLS to its backends, its stream idle timeout and slow start.
+health checks, the panic threshold, TLS to its backends, its stream idle timeout, slow start,
+ring_hash's key and zone-aware routing.
 
 This module is the one home of their defaults and of their text: the annotation syntax the
 controller parses (``weighbridge.io/retry``, ``…/outlier-detection``, ``…/health-check``,
 ``…/panic-threshold``, ``…/backend-tls``, ``…/stream-idle-timeout``, ``…/slow-start``,
-``…/hash``), and the canonical text
+``…/hash``, ``…/zone-aware``), and the canonical text
 it stores in ``BackendSet.options`` under the keys :data:`OPTION_KEYS`, which proxies parse
 again. ``format_*`` writes the canonical text and
 ``parse_*`` reads it back to an equal policy.
@@ -40,6 +41,7 @@ BACKEND_TLS: Final = "backend-tls"
 STREAM_IDLE_TIMEOUT: Final = "stream-idle-timeout"
 SLOW_START: Final = "slow-start"
 HASH: Final = "hash"
+ZONE_AWARE: Final = "zone-aware"
 OPTION_KEYS: Final = (
     RETRY,
     OUTLIER_DETECTION,
@@ -49,6 +51,7 @@ OPTION_KEYS: Final = (
     STREAM_IDLE_TIMEOUT,
     SLOW_START,
     HASH,
+    ZONE_AWARE,
 )
 """``BackendSet.options`` keys of the policies: the annotation names without ``weighbridge.io/``.
 An absent key means the policy's default."""
@@ -261,6 +264,33 @@ _HEADER = re.compile(r"[a-z0-9][-a-z0-9_.]{0,127}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ZoneAware:
+    """Zone-aware routing (``weighbridge.io/zone-aware``): which zone's endpoints a proxy
+    keeps calls to. The rule lives in the engine (``native/src/locality.rs``)."""
+
+    prefer: bool = False
+    """Envoy's zone-aware routing: keep calls in the proxy's zone while its endpoints can carry
+    that zone's proxies' share, and spill the rest by residual capacity. Off by default: it
+    moves calls away from the weights a Service's annotations spell out."""
+    min_endpoints: int = 6
+    """Zone preference applies from this many eligible endpoints on (Envoy's
+    min_cluster_size): with fewer, a zone's one or two endpoints would take all its calls."""
+    hints: bool = True
+    """Follow EndpointSlice hints where the cluster set them (a Service's
+    ``trafficDistribution``), as kube-proxy does; they win over ``prefer``."""
+
+    def __post_init__(self) -> None:
+        _check_range("min-endpoints", self.min_endpoints, 1, 10_000)
+
+    def engine_args(self) -> tuple[bool, int, bool]:
+        """The engine's ``zone_aware``: (prefer, min endpoints, hints)."""
+        return (self.prefer, self.min_endpoints, self.hints)
+
+
+_ON_OFF: Final = {"on": True, "off": False}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HealthCheck:
     """Active health checks (``weighbridge.io/health-check``): the proxy asks every endpoint
     ``grpc.health.v1.Health/Check`` on its own and sends no new calls to one that is unhealthy."""
@@ -444,6 +474,35 @@ def parse_hash(text: str) -> HashKey:
 
 def format_hash(policy: HashKey) -> str:
     return f"header: {policy.header}; bound: {policy.bound_percent}%"
+
+
+def parse_zone_aware(text: str) -> ZoneAware:
+    """``weighbridge.io/zone-aware``: ``on`` (prefer the proxy's zone, follow hints), ``off``
+    (neither), or fields ``prefer: on|off``, ``min-endpoints: N``, ``hints: on|off``, which
+    start from ``on``."""
+    entries = _entries(text)
+    if entries == ["on"]:
+        return ZoneAware(prefer=True)
+    if entries == ["off"]:
+        return ZoneAware(prefer=False, hints=False)
+    fields = _fields(entries, ("prefer", "min-endpoints", "hints"))
+    kw: dict[str, Any] = {"prefer": True}
+    for key, name in (("prefer", "prefer"), ("hints", "hints")):
+        if key in fields:
+            if fields[key] not in _ON_OFF:
+                raise ValueError(f"{key}: {fields[key]!r} is not 'on' or 'off'")
+            kw[name] = _ON_OFF[fields[key]]
+    if "min-endpoints" in fields:
+        kw["min_endpoints"] = _parse_whole("min-endpoints", fields["min-endpoints"])
+    return ZoneAware(**kw)
+
+
+def format_zone_aware(policy: ZoneAware) -> str:
+    on = {True: "on", False: "off"}
+    return (
+        f"prefer: {on[policy.prefer]}; min-endpoints: {policy.min_endpoints}; "
+        f"hints: {on[policy.hints]}"
+    )
 
 
 def parse_health_check(text: str) -> HealthCheck | None:
@@ -764,6 +823,8 @@ class Failover:
     """None: a new endpoint takes its whole share at once (off, as Envoy's default)."""
     hash: HashKey | None = None
     """ring_hash's key; None: no key (every call a weighted random draw)."""
+    zone_aware: ZoneAware = ZoneAware()
+    """By default EndpointSlice hints are followed and no zone is preferred otherwise."""
 
 
 DEFAULTS: Final = Failover()
@@ -778,6 +839,7 @@ _CANONICAL: Final[Mapping[str, Callable[[str], str]]] = {
     STREAM_IDLE_TIMEOUT: lambda text: format_stream_idle_timeout(parse_stream_idle_timeout(text)),
     SLOW_START: lambda text: format_slow_start(parse_slow_start(text)),
     HASH: lambda text: format_hash(parse_hash(text)),
+    ZONE_AWARE: lambda text: format_zone_aware(parse_zone_aware(text)),
 }
 
 
@@ -818,6 +880,7 @@ def failover_from_options(options: Mapping[str, str]) -> tuple[Failover, dict[st
         ),
         slow_start=read(SLOW_START, parse_slow_start, DEFAULTS.slow_start),
         hash=read(HASH, parse_hash, DEFAULTS.hash),
+        zone_aware=read(ZONE_AWARE, parse_zone_aware, DEFAULTS.zone_aware),
     )
     return failover, errors
 
@@ -834,6 +897,7 @@ __all__ = [
     "SLOW_START",
     "STATUS_CODES",
     "STREAM_IDLE_TIMEOUT",
+    "ZONE_AWARE",
     "BackendTls",
     "Failover",
     "HashKey",
@@ -842,6 +906,7 @@ __all__ = [
     "PanicThreshold",
     "RetryPolicy",
     "SlowStart",
+    "ZoneAware",
     "canonical_option",
     "failover_from_options",
     "format_backend_tls",
@@ -853,6 +918,7 @@ __all__ = [
     "format_retry",
     "format_slow_start",
     "format_stream_idle_timeout",
+    "format_zone_aware",
     "parse_backend_tls",
     "parse_duration",
     "parse_hash",
@@ -862,4 +928,5 @@ __all__ = [
     "parse_retry",
     "parse_slow_start",
     "parse_stream_idle_timeout",
+    "parse_zone_aware",
 ]

@@ -54,6 +54,9 @@ class RouteEndpoint:
     hostport: str
     pod: str
     weight: int
+    zone: str = ""
+    hint_zones: tuple[str, ...] = ()
+    hint_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +94,7 @@ def configure(backend_set: BackendSet) -> RouteConfig:
     return RouteConfig(
         strategy=strategy.name,
         endpoints=tuple(
-            RouteEndpoint(e.hostport, e.pod, w)
+            RouteEndpoint(e.hostport, e.pod, w, e.zone, e.hint_zones, e.hint_nodes)
             for e, w in zip(eligible, strategy.weights(eligible), strict=True)
         ),
         total=len(backend_set.endpoints),

@@ -2,7 +2,7 @@
 //! on a single-threaded Tokio runtime (see `workers`). Python applies backend sets to it and
 //! reads snapshots of its state; no call ever touches Python or waits for the GIL.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{FromRawFd, RawFd};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,12 +16,13 @@ use tokio::sync::watch;
 use crate::events::{Event, Events};
 use crate::health::{CheckArg, CheckPolicy, Health, OutlierArg, OutlierPolicy, Owner};
 use crate::limits::{ClientLimits, LimitCounters};
+use crate::locality::{Locality, PlaceArg, ZoneAware, Zones};
 use crate::pool::{Pool, Tuning};
 use crate::retry::{Budget, RetryArg, RetryPolicy, ServiceCounters};
 use crate::routing::{Policy, Route, Table, Target};
 use crate::slow_start::{Ramp, SlowStart, SlowStartArg};
 use crate::stats::{Counters, Stats};
-use crate::strategy::{hash_key, Picker};
+use crate::strategy::{hash_key, Picker, RING_HASH};
 use crate::tls::{ClientTls, ClientTlsArg, Paths, ServerTls};
 use crate::workers::{self, WorkerCounters};
 
@@ -64,6 +65,8 @@ pub struct Shared {
     /// The client port's limits, and how often each was hit.
     pub limits: ClientLimits,
     pub limit_counters: LimitCounters,
+    /// Where this proxy runs and how the proxies spread over zones, for zone plans.
+    locality: Mutex<Locality>,
 }
 
 impl Shared {
@@ -121,7 +124,7 @@ impl Engine {
     #[pyo3(signature = (
         fd, *, threads, max_message_bytes, eager, latency_bounds_ns, max_connection_age_s,
         max_backend_connections, handshake_timeout_s, keepalive_time_s, keepalive_timeout_s,
-        retry_buffer_bytes, limits, tls=None, seed=None
+        retry_buffer_bytes, limits, tls=None, seed=None, zone=String::new(), node=String::new()
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -139,6 +142,8 @@ impl Engine {
         limits: PyRef<'_, ClientLimits>,
         tls: Option<TlsArg>,
         seed: Option<u64>,
+        zone: String,
+        node: String,
     ) -> PyResult<Self> {
         let tls = match tls {
             None => None,
@@ -211,6 +216,11 @@ impl Engine {
             tls: tls.as_ref().map(|(t, _)| Arc::clone(t)),
             limits: limits.clone(),
             limit_counters: LimitCounters::default(),
+            locality: Mutex::new(Locality {
+                zone,
+                node,
+                proxies: BTreeMap::new(),
+            }),
         });
         if let Some((tls, every)) = tls {
             // Mounted Secrets change by a symlink swap: read the files again now and then.
@@ -296,7 +306,7 @@ impl Engine {
     /// when off. Raises ValueError for an unknown strategy, a weight of 0 or a bad setting.
     #[pyo3(signature = (
         key, strategy, endpoints, total, *, retry, outlier, health_check, panic_threshold,
-        stream_idle_timeout_s, slow_start=None, hash=None, tls=None
+        stream_idle_timeout_s, slow_start=None, hash=None, tls=None, zone_aware=None, places=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn apply(
@@ -313,6 +323,8 @@ impl Engine {
         slow_start: Option<SlowStartArg>,
         hash: Option<(String, u32)>,
         tls: Option<ClientTlsArg>,
+        zone_aware: Option<(bool, usize, bool)>,
+        places: Option<Vec<PlaceArg>>,
     ) -> PyResult<()> {
         let invalid = |e: String| PyValueError::new_err(format!("Service {key}: {e}"));
         let policy = Policy {
@@ -378,6 +390,26 @@ impl Engine {
         )
         .map_err(invalid)?;
         let shared = &self.shared;
+        // ring_hash keeps a key on one endpoint whatever the zone: no zone plan.
+        let zones = match zone_aware.filter(|_| strategy != RING_HASH) {
+            Some((prefer, min_endpoints, hints)) => {
+                let setting = ZoneAware {
+                    prefer,
+                    min_endpoints,
+                    hints,
+                };
+                let locality = shared.locality.lock().unwrap_or_else(|e| e.into_inner());
+                Zones::new(
+                    setting,
+                    &places.unwrap_or_default(),
+                    &weights,
+                    &locality,
+                    |w| Picker::build(strategy, w, &[], start, bound, String::new()),
+                )
+                .map_err(invalid)?
+            }
+            None => None,
+        };
         let mut services = shared.services.lock().unwrap_or_else(|e| e.into_inner());
         let service = services.entry(key.clone()).or_default();
         let handshake = shared.pool.tuning().handshake_timeout;
@@ -449,6 +481,7 @@ impl Engine {
             targets,
             weights,
             picker,
+            zones,
             policy,
             budget: Arc::clone(&service.budget),
             counters: Arc::clone(&service.counters),
@@ -464,6 +497,31 @@ impl Engine {
             shared.release(&old);
         }
         Ok(())
+    }
+
+    /// How many live proxies run in each zone (this one included): zone plans follow.
+    fn set_proxy_zones(&self, proxies: BTreeMap<String, u32>) {
+        let locality = {
+            let mut l = self
+                .shared
+                .locality
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            l.proxies = proxies;
+            l.clone()
+        };
+        let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
+        for route in table.routes() {
+            if let Some(zones) = &route.zones {
+                zones.replan(&locality);
+            }
+        }
+    }
+
+    /// Service `key`'s zone plan in words; None when it has no route or no zone setting.
+    fn zone_plan(&self, key: &str) -> Option<String> {
+        let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
+        table.get(key)?.zones.as_ref().map(Zones::why)
     }
 
     /// Removes Service `key`'s route: its calls fail with "no backend set" from now on.
@@ -514,9 +572,8 @@ impl Engine {
             .get(key)
             .ok_or_else(|| PyLookupError::new_err(format!("no backend set for Service {key}")))?;
         let (i, mut why) = route
-            .picker
-            .explain(&**route, hash_value.map(|v| hash_key(v.as_bytes())))
-            .map_err(|m| PyLookupError::new_err(m.to_string()))?;
+            .explain(hash_value.map(|v| hash_key(v.as_bytes())))
+            .map_err(PyLookupError::new_err)?;
         let target = &route.targets[i];
         if let Some(policy) = route
             .policy

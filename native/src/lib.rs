@@ -7,6 +7,7 @@ mod events;
 mod grpc;
 mod health;
 mod limits;
+mod locality;
 mod pool;
 mod proxy;
 mod retry;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::health::{Health, OutlierPolicy};
+use crate::locality::Zones;
 use crate::pool::Backend;
 use crate::retry::{Budget, RetryPolicy, ServiceCounters};
 use crate::slow_start::{Ramp, SlowStart};
@@ -66,6 +67,8 @@ pub struct Route {
     /// The targets' weights, for picks among a subset.
     pub weights: Vec<u32>,
     pub picker: Picker,
+    /// Zone-aware routing or EndpointSlice hints; None: every zone alike.
+    pub zones: Option<Zones>,
     pub policy: Policy,
     /// Per Service; they outlive set updates.
     pub budget: Arc<Budget>,
@@ -107,8 +110,13 @@ impl Route {
     /// avoiding `avoid` (where the call just failed) when another can. Skipping keeps each
     /// strategy's proportions among the rest (a rotation moves on, a random draw is drawn
     /// again). Below the panic threshold, the pick is the strategy's among all endpoints.
+    /// With a zone plan, the first pick is the strategy's within the zone the plan draws; any
+    /// other is among every zone.
     pub fn pick(&self, avoid: Option<usize>, key: Option<u64>) -> Result<usize, String> {
-        let first = self.picker.pick(self, key)?;
+        let first = match self.zones.as_ref().and_then(Zones::group) {
+            Some(group) => Zones::pick(group, self, key)?,
+            None => self.picker.pick(self, key)?,
+        };
         let admitted = self.admits(first);
         if Some(first) != avoid && admitted && self.targets[first].available() {
             return Ok(first); // the usual case: one pick, two loads
@@ -146,6 +154,21 @@ impl Route {
             // The only endpoint left is the one that just failed: better it than nothing.
             Some(i) if n == 1 || panic || self.targets[i].available() => Ok(i),
             _ => Err(self.none_available()),
+        }
+    }
+
+    /// (endpoint, why) of the next call's first pick, without changing the strategy's state
+    /// (a zone plan and random strategies draw one to show).
+    pub fn explain(&self, key: Option<u64>) -> Result<(usize, String), String> {
+        match &self.zones {
+            Some(zones) => match zones.group() {
+                Some(group) => zones.explain(group, self, key),
+                None => {
+                    let (i, why) = self.picker.explain(self, key)?;
+                    Ok((i, format!("{}; {why}", zones.why())))
+                }
+            },
+            None => Ok(self.picker.explain(self, key)?),
         }
     }
 
@@ -243,6 +266,10 @@ impl Table {
         self.routes.remove(&host_key(key))
     }
 
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.values()
+    }
+
     pub fn get(&self, key: &str) -> Option<&Arc<Route>> {
         self.routes.get(&host_key(key))
     }
@@ -322,6 +349,7 @@ mod tests {
             targets,
             weights: weights.to_vec(),
             picker: Picker::build(strategy, weights, &[], 0, 1.25, "empty".into()).unwrap(),
+            zones: None,
             policy: Policy {
                 retry: None,
                 outlier: None,
@@ -425,6 +453,41 @@ mod tests {
             e.starts_with("no route for authority 'localhost:8080' and gRPC service 'test.Echo'"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_zone_plan_keeps_calls_in_zone_and_an_unavailable_endpoint_spreads_its_share() {
+        use crate::locality::{Locality, ZoneAware, Zones};
+        let mut r = route("round_robin", &[1; 6], 50);
+        let places: Vec<_> = ["a", "a", "a", "b", "b", "b"]
+            .iter()
+            .map(|z| (z.to_string(), vec![], vec![]))
+            .collect();
+        let locality = Locality {
+            zone: "a".into(),
+            node: String::new(),
+            proxies: [("a".to_string(), 1), ("b".to_string(), 1)].into(),
+        };
+        let setting = ZoneAware {
+            prefer: true,
+            min_endpoints: 6,
+            hints: true,
+        };
+        r.zones = Zones::new(setting, &places, &r.weights, &locality, |w| {
+            Picker::build("round_robin", w, &[], 0, 1.25, String::new())
+        })
+        .unwrap();
+        assert_eq!(
+            shares(&r, 300),
+            [100, 100, 100, 0, 0, 0],
+            "a strict rotation in zone a"
+        );
+        r.targets[0].backend.set_down(true);
+        let n = shares(&r, 3000);
+        let (local, remote) = (n[1] + n[2], n[3] + n[4] + n[5]);
+        assert_eq!(n[0], 0);
+        // Zone a's two keep their 2/3 and each endpoint takes a fifth of the down one's third.
+        assert!((2150..2450).contains(&local) && remote > 450, "{n:?}");
     }
 
     #[test]

@@ -55,6 +55,7 @@ class FakeEngine:
     queued: list[EndpointEvent] = field(default_factory=list)
     events_dropped: int = 0
     closed: bool = False
+    proxy_zones: dict[str, int] = field(default_factory=dict)
 
     @property
     def threads(self) -> int:
@@ -68,6 +69,12 @@ class FakeEngine:
 
     def set_grpc_services(self, table: Mapping[str, ServiceKey]) -> None:
         self.grpc_services = dict(table)
+
+    def set_proxy_zones(self, proxies: Mapping[str, int]) -> None:
+        self.proxy_zones = dict(proxies)
+
+    def zone_plan(self, key: ServiceKey) -> str | None:
+        return None
 
     def route(self, authority: str, path: str) -> tuple[ServiceKey, str]:
         name, _, rest = authority.partition(".")

@@ -107,6 +107,18 @@ def test_ring_hash_needs_a_hash_key() -> None:
     assert spec.options == {"hash": "header: x-user-id; bound: 125%"}
 
 
+def test_zone_aware_routing_does_not_combine_with_ring_hash() -> None:
+    ring = {"weighbridge.io/strategy": "ring_hash", "weighbridge.io/hash": "header: x-user-id"}
+    with pytest.raises(AnnotationError) as info:
+        parse_service({**ring, "weighbridge.io/zone-aware": "on"})
+    assert info.value.reason == "InvalidZoneAware"
+    assert "ring_hash keeps each key on one endpoint" in info.value.message
+    spec = parse_service({**ring, "weighbridge.io/zone-aware": "prefer: off"})
+    assert spec.options["zone-aware"] == "prefer: off; min-endpoints: 6; hints: on"
+    spec = parse_service({"weighbridge.io/strategy": "random", "weighbridge.io/zone-aware": "on"})
+    assert spec.options == {"zone-aware": "prefer: on; min-endpoints: 6; hints: on"}
+
+
 def test_grpc_services_and_port() -> None:
     spec = parse_service(
         {

@@ -190,6 +190,40 @@ def test_slices_are_merged_and_duplicates_keep_the_best() -> None:
     ]
 
 
+def test_endpointslice_hints_are_kept_and_junk_in_them_ignored() -> None:
+    eps = [
+        {
+            "addresses": ["198.18.0.1"],
+            "zone": "zone-a",
+            "hints": {
+                "forZones": [{"name": "zone-b"}, {"name": "zone-a"}, {"name": 7}, "zone-c"],
+                "forNodes": [{"name": "node-1"}],
+            },
+        },
+        {"addresses": ["198.18.0.2"], "hints": {"forZones": "zone-a"}},
+        {"addresses": ["198.18.0.3"]},
+    ]
+    out = endpoints_from_slices(
+        [{"addressType": "IPv4", "ports": [{"name": "grpc", "port": 9}], "endpoints": eps}],
+        "grpc",
+    )
+    assert [(e.hint_zones, e.hint_nodes) for e in out] == [
+        (("zone-a", "zone-b"), ("node-1",)),
+        ((), ()),
+        ((), ()),
+    ]
+    built = build_backend_set(
+        service={"metadata": {"namespace": "default", "name": "shop"}},
+        spec=parse_service({"weighbridge.io/strategy": "round_robin"}),
+        raw=out,
+        pods={},
+        source="endpointslices",
+        generation=1,
+        built_unix_nanos=0,
+    )
+    assert built.backend_set.endpoints[0].hint_zones == ("zone-a", "zone-b")
+
+
 def test_port_selection() -> None:
     one = {"spec": {"ports": [{"port": 80}]}}
     assert select_port(one, None) == ("", 80)

@@ -380,6 +380,35 @@ def test_slow_start_text_round_trips_and_refuses_nonsense() -> None:
             parse_slow_start(text)
 
 
+def test_zone_aware_text() -> None:
+    from weighbridge.policy import (
+        DEFAULTS,
+        ZoneAware,
+        failover_from_options,
+        format_zone_aware,
+        parse_zone_aware,
+    )
+
+    assert DEFAULTS.zone_aware == ZoneAware(prefer=False, min_endpoints=6, hints=True)
+    assert parse_zone_aware("on") == ZoneAware(prefer=True)
+    assert parse_zone_aware("off") == ZoneAware(prefer=False, hints=False)
+    policy = parse_zone_aware("min-endpoints: 3; hints: off")
+    assert policy == ZoneAware(prefer=True, min_endpoints=3, hints=False)
+    assert policy.engine_args() == (True, 3, False)
+    assert parse_zone_aware(format_zone_aware(policy)) == policy
+    assert parse_zone_aware("prefer: off") == ZoneAware()
+    for text, message in (
+        ("min-endpoints: 0", "0 is not from 1 to 10000"),
+        ("min-endpoints: \u0663", "not printable ASCII"),  # an Arabic-Indic 3
+        ("prefer: yes", "'yes' is not 'on' or 'off'"),
+        ("zones: a", "zones"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_zone_aware(text)
+    failover, errors = failover_from_options({"zone-aware": "sometimes"})
+    assert failover.zone_aware == DEFAULTS.zone_aware and "zone-aware" in errors
+
+
 def test_hash_key_text() -> None:
     from weighbridge.policy import HashKey, format_hash, parse_hash
 

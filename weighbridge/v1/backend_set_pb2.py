@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n weighbridge/v1/backend_set.proto\x12\x0eweighbridge.v1\"\x88\x01\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x0b\n\x03pod\x18\x05 \x01(\t\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x0f\n\x07serving\x18\x07 \x01(\x08\x12\x13\n\x0bterminating\x18\x08 \x01(\x08\"\xab\x02\n\nBackendSet\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12+\n\tendpoints\x18\x04 \x03(\x0b\x32\x18.weighbridge.v1.Endpoint\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x38\n\x07options\x18\x06 \x03(\x0b\x32\'.weighbridge.v1.BackendSet.OptionsEntry\x12\x15\n\rgrpc_services\x18\x07 \x03(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x18\n\x10\x62uilt_unix_nanos\x18\t \x01(\x03\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\x0bProxyStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x1a\n\x12updated_unix_nanos\x18\x03 \x01(\x03\x12\x14\n\x0c\x62\x61\x63kend_sets\x18\x04 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n weighbridge/v1/backend_set.proto\x12\x0eweighbridge.v1\"\xb0\x01\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x0b\n\x03pod\x18\x05 \x01(\t\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x0f\n\x07serving\x18\x07 \x01(\x08\x12\x13\n\x0bterminating\x18\x08 \x01(\x08\x12\x12\n\nhint_zones\x18\t \x03(\t\x12\x12\n\nhint_nodes\x18\n \x03(\t\"\xab\x02\n\nBackendSet\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12+\n\tendpoints\x18\x04 \x03(\x0b\x32\x18.weighbridge.v1.Endpoint\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x38\n\x07options\x18\x06 \x03(\x0b\x32\'.weighbridge.v1.BackendSet.OptionsEntry\x12\x15\n\rgrpc_services\x18\x07 \x03(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x18\n\x10\x62uilt_unix_nanos\x18\t \x01(\x03\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"s\n\x0bProxyStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x1a\n\x12updated_unix_nanos\x18\x03 \x01(\x03\x12\x14\n\x0c\x62\x61\x63kend_sets\x18\x04 \x01(\r\x12\x0c\n\x04zone\x18\x05 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BACKENDSET_OPTIONSENTRY']._loaded_options = None
   _globals['_BACKENDSET_OPTIONSENTRY']._serialized_options = b'8\001'
   _globals['_ENDPOINT']._serialized_start=53
-  _globals['_ENDPOINT']._serialized_end=189
-  _globals['_BACKENDSET']._serialized_start=192
-  _globals['_BACKENDSET']._serialized_end=491
-  _globals['_BACKENDSET_OPTIONSENTRY']._serialized_start=445
-  _globals['_BACKENDSET_OPTIONSENTRY']._serialized_end=491
-  _globals['_PROXYSTATUS']._serialized_start=493
-  _globals['_PROXYSTATUS']._serialized_end=594
+  _globals['_ENDPOINT']._serialized_end=229
+  _globals['_BACKENDSET']._serialized_start=232
+  _globals['_BACKENDSET']._serialized_end=531
+  _globals['_BACKENDSET_OPTIONSENTRY']._serialized_start=485
+  _globals['_BACKENDSET_OPTIONSENTRY']._serialized_end=531
+  _globals['_PROXYSTATUS']._serialized_start=533
+  _globals['_PROXYSTATUS']._serialized_end=648
 # @@protoc_insertion_point(module_scope)

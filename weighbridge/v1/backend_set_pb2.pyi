@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Endpoint(_message.Message):
-    __slots__ = ("address", "port", "weight", "zone", "pod", "node", "serving", "terminating")
+    __slots__ = ("address", "port", "weight", "zone", "pod", "node", "serving", "terminating", "hint_zones", "hint_nodes")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class Endpoint(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     TERMINATING_FIELD_NUMBER: _ClassVar[int]
+    HINT_ZONES_FIELD_NUMBER: _ClassVar[int]
+    HINT_NODES_FIELD_NUMBER: _ClassVar[int]
     address: str
     port: int
     weight: int
@@ -24,7 +26,9 @@ class Endpoint(_message.Message):
     node: str
     serving: bool
     terminating: bool
-    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ..., zone: _Optional[str] = ..., pod: _Optional[str] = ..., node: _Optional[str] = ..., serving: _Optional[bool] = ..., terminating: _Optional[bool] = ...) -> None: ...
+    hint_zones: _containers.RepeatedScalarFieldContainer[str]
+    hint_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ..., zone: _Optional[str] = ..., pod: _Optional[str] = ..., node: _Optional[str] = ..., serving: _Optional[bool] = ..., terminating: _Optional[bool] = ..., hint_zones: _Optional[_Iterable[str]] = ..., hint_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BackendSet(_message.Message):
     __slots__ = ("namespace", "name", "strategy", "endpoints", "generation", "options", "grpc_services", "source", "built_unix_nanos")
@@ -56,13 +60,15 @@ class BackendSet(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., strategy: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., generation: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., grpc_services: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., built_unix_nanos: _Optional[int] = ...) -> None: ...
 
 class ProxyStatus(_message.Message):
-    __slots__ = ("id", "applied_revision", "updated_unix_nanos", "backend_sets")
+    __slots__ = ("id", "applied_revision", "updated_unix_nanos", "backend_sets", "zone")
     ID_FIELD_NUMBER: _ClassVar[int]
     APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_SETS_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
     id: str
     applied_revision: int
     updated_unix_nanos: int
     backend_sets: int
-    def __init__(self, id: _Optional[str] = ..., applied_revision: _Optional[int] = ..., updated_unix_nanos: _Optional[int] = ..., backend_sets: _Optional[int] = ...) -> None: ...
+    zone: str
+    def __init__(self, id: _Optional[str] = ..., applied_revision: _Optional[int] = ..., updated_unix_nanos: _Optional[int] = ..., backend_sets: _Optional[int] = ..., zone: _Optional[str] = ...) -> None: ...

@@ -21,7 +21,7 @@ mod weighted_round_robin;
 pub use least_request::LeastRequest;
 pub use peak_ewma::{Ewma, PeakEwma};
 pub use random::Random;
-pub use ring_hash::{hash as hash_key, RingHash};
+pub use ring_hash::{hash as hash_key, RingHash, NAME as RING_HASH};
 pub use round_robin::RoundRobin;
 pub use weighted_random::WeightedRandom;
 pub use weighted_round_robin::WeightedRoundRobin;
