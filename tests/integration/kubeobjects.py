@@ -62,6 +62,7 @@ class Ep:
     serving: bool = True
     terminating: bool = False
     zone: str = "zone-a"
+    hint_zones: tuple[str, ...] = ()
 
 
 def endpoint_slice(
@@ -89,6 +90,11 @@ def endpoint_slice(
                     "terminating": e.terminating,
                 },
                 "zone": e.zone,
+                **(
+                    {"hints": {"forZones": [{"name": z} for z in e.hint_zones]}}
+                    if e.hint_zones
+                    else {}
+                ),
                 **({"targetRef": {"kind": "Pod", "name": e.pod, "namespace": ns}} if e.pod else {}),
             }
             for e in endpoints

@@ -150,7 +150,7 @@ async def test_not_serving_and_terminating_endpoints_get_no_new_traffic(
             "web",
             "web-a",
             [
-                ko.Ep(ko.address(0), zone="zone-a"),
+                ko.Ep(ko.address(0), zone="zone-a", hint_zones=("zone-a", "zone-b")),
                 ko.Ep(ko.address(1), ready=False, serving=False, zone="zone-b"),
                 ko.Ep(ko.address(2), ready=False, serving=True, terminating=True, zone="zone-c"),
             ],
@@ -165,6 +165,8 @@ async def test_not_serving_and_terminating_endpoints_get_no_new_traffic(
     assert (by_ip[ko.address(1)].serving, by_ip[ko.address(1)].terminating) == (False, False)
     assert (by_ip[ko.address(2)].serving, by_ip[ko.address(2)].terminating) == (True, True)
     assert by_ip[ko.address(2)].zone == "zone-c"
+    # EndpointSlice hints, as the apiserver stored them, travel to the proxies.
+    assert by_ip[ko.address(0)].hint_zones == ("zone-a", "zone-b")
     assert [e.address for e in bs.eligible] == [ko.address(0)]
     assert bs.probabilities() == {f"{ko.address(0)}:50051": 1}
 

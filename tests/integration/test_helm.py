@@ -307,7 +307,7 @@ ETCD_TLS_FLAGS = ("--etcd-cacert", "--etcd-cert", "--etcd-key")
 def test_default_values_leave_every_tunable_to_the_binaries(helm: Path) -> None:
     """Only what the chart wires or needs itself (etcd and its client certificate, the source
     its RBAC grants, ports its Services and probes use, JSON logs, the grace its termination
-    period outlasts) is passed;
+    period outlasts, the pod's zone and node from the downward API) is passed;
     every tunable keeps the binary's own default."""
     docs = render(helm, "default", [])
     assert flag_names(args_of(docs, "controller")) == {
@@ -329,6 +329,8 @@ def test_default_values_leave_every_tunable_to_the_binaries(helm: Path) -> None:
         "--metrics-listen",
         "--grace",
         "--log-format",
+        "--zone",
+        "--node",
         *ETCD_TLS_FLAGS,
     }
 
