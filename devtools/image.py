@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,13 +119,20 @@ def split_run(instruction: Instruction) -> tuple[list[tuple[str, str, str]], str
 
 
 def tree_hash(path: Path) -> str:
-    """A hash of a file's or a directory tree's names, modes and contents."""
+    """A hash of a file's or a directory tree's names, modes and contents; of a wheel, its
+    members' names and contents (a rebuilt wheel differs only in its timestamps)."""
     h = hashlib.sha256()
     paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for p in paths:
         h.update(str(p.relative_to(path.parent if path.is_file() else path)).encode())
         h.update(oct(p.stat().st_mode & 0o777).encode())
-        h.update(p.read_bytes())
+        if p.suffix == ".whl":
+            with zipfile.ZipFile(p) as wheel:
+                for name in sorted(wheel.namelist()):
+                    h.update(name.encode())
+                    h.update(wheel.read(name))
+        else:
+            h.update(p.read_bytes())
     return h.hexdigest()
 
 
@@ -151,7 +159,8 @@ def log(message: str) -> None:
 
 
 def run(argv: Sequence[str], **kw: object) -> None:
-    subprocess.run(argv, check=True, **kw)  # type: ignore[call-overload]
+    """Runs a command, its output to stderr: stdout is the caller's (it names the image)."""
+    subprocess.run(argv, check=True, stdout=sys.stderr, **kw)  # type: ignore[call-overload]
 
 
 def save(root: Path, archive: Path) -> None:
@@ -271,6 +280,10 @@ def build(
                 key.update(tree_hash(binds[stage, source]).encode())
         steps.append((ins, key.hexdigest()[:16]))
 
+    stamp = out.with_name(out.name + ".key")
+    if out.exists() and stamp.exists() and stamp.read_text() == steps[-1][1]:
+        log(f"{ref}: up to date ({out})")
+        return
     done = 0
     for i, (ins, k) in enumerate(steps):
         if ins.keyword == "RUN" and (cache / f"step-{k}.tar").exists():
@@ -286,6 +299,7 @@ def build(
                 save(root, cache / f"step-{k}.tar")
         prune(cache)
         write_oci(root, ref, config, out, Path(work))
+    stamp.write_text(steps[-1][1])
 
 
 def apply_step(
