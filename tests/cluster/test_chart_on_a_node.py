@@ -1,0 +1,369 @@
+"""The user's workflow on a real node (scripts/cluster): ``helm install`` with default values →
+every pod Ready through its real probes → an annotated Service → calls through ``kubectl
+port-forward`` split as annotated → ``kubectl annotate`` changes the split → the admin API
+through a port-forward → ``helm upgrade`` rolling the proxies under traffic without losing a
+call → the leading controller deleted → the etcd pod deleted → ``helm uninstall``.
+
+The tests run in this order and share one release, as a user's session would; each says what
+it leaves behind for the next. README's "Install in a cluster" gives the same commands.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+from devtools.netns import PodNetwork
+from tests.cluster.conftest import ROOT, Node
+from weighbridge.v1 import admin_pb2, admin_pb2_grpc
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
+
+CHART = str(ROOT / "deploy" / "helm" / "weighbridge")
+NS = "weighbridge"
+RELEASE = "weighbridge"
+APP = "shop"
+AUTHORITY = f"echo.{APP}"
+PROXY = "weighbridge-proxy"
+T = TypeVar("T")
+
+
+def eventually(
+    probe: Callable[[], T], accept: Callable[[T], bool], what: str, timeout: float = 120
+) -> T:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+            if accept(last):
+                return last
+        except (AssertionError, grpc.RpcError) as exc:
+            last = exc  # type: ignore[assignment]
+        time.sleep(1)
+    raise AssertionError(f"{what} not reached in {timeout:.0f} s; last: {last!r}")
+
+
+def pods(node: Node, namespace: str, selector: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = json.loads(
+        node.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json")
+    )["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    return any(
+        c["type"] == "Ready" and c["status"] == "True"
+        for c in pod.get("status", {}).get("conditions", [])
+    )
+
+
+def component(name: str) -> str:
+    return f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component={name}"
+
+
+def who(channel: grpc.Channel) -> str:
+    _, call = channel.unary_unary("/test.Echo/Unary").with_call(b"", timeout=10)
+    return str(dict(call.initial_metadata())["x-backend"])
+
+
+def versions(port: int, calls: int) -> collections.Counter[str]:
+    """Which version answered each of ``calls`` calls through the proxy at ``port``."""
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.default_authority", AUTHORITY)]
+    ) as ch:
+        return collections.Counter(who(ch).split("-")[1] for _ in range(calls))
+
+
+BACKENDS = """
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+  namespace: {ns}
+  annotations:
+    weighbridge.io/strategy: weighted_round_robin
+    weighbridge.io/weights: "version=v1: 90; version=v2: 10"
+spec:
+  selector: {{app: echo}}
+  ports: [{{name: grpc, port: 50051}}]
+""" + "".join(
+    f"""---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: echo-{v}, namespace: {{ns}}}}
+spec:
+  replicas: {n}
+  selector: {{matchLabels: {{app: echo, version: {v}}}}}
+  template:
+    metadata: {{labels: {{app: echo, version: {v}}}}}
+    spec:
+      containers:
+        - name: echo
+          image: {{image}}
+          imagePullPolicy: IfNotPresent
+          env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
+          ports: [{{name: grpc, containerPort: 50051}}]
+          readinessProbe: {{grpc: {{port: 50051}}, periodSeconds: 2}}
+"""
+    for v, n in (("v1", 2), ("v2", 1))
+)
+
+
+@pytest.fixture(scope="module")
+def release(node: Node) -> Iterator[Node]:
+    """The chart installed with default values, and the backends of an annotated Service."""
+    node.helm(
+        "install", RELEASE, CHART, "-n", NS, "--create-namespace", "--wait", "--timeout", "6m"
+    )
+    node.kubectl("create", "namespace", APP)
+    node.kubectl("apply", "-f", "-", input=BACKENDS.format(ns=APP, image=node.backend_image))
+    node.kubectl(
+        "wait", "-n", APP, "--for=condition=Available", "deployment", "--all", "--timeout=120s"
+    )
+    try:
+        yield node
+    finally:
+        subprocess.run(
+            [
+                str(node.helm_path),
+                "--kubeconfig",
+                str(node.kubeconfig),
+                "uninstall",
+                RELEASE,
+                "-n",
+                NS,
+                "--wait",
+            ],
+            capture_output=True,
+            timeout=300,
+        )
+        node.kubectl(
+            "delete", "namespace", APP, NS, "--ignore-not-found", "--wait=true", timeout=300
+        )
+
+
+def a_proxy(node: Node) -> str:
+    return str(pods(node, NS, component("proxy"))[0]["metadata"]["name"])
+
+
+def test_install_brings_every_component_ready_through_its_probes(release: Node) -> None:
+    for name, replicas in (("controller", 2), ("proxy", 2), ("etcd", 1)):
+        found = pods(release, NS, component(name))
+        assert len(found) == replicas, (name, [p["metadata"]["name"] for p in found])
+        assert all(is_ready(p) for p in found), name
+
+
+def test_calls_through_a_port_forward_split_as_annotated(release: Node) -> None:
+    """weighted_round_robin is exact: every 100 calls, 90 to v1 and 10 to v2."""
+    with release.port_forward(NS, f"pod/{a_proxy(release)}", 8080) as port:
+        eventually(
+            lambda: versions(port, 100), lambda c: c == {"v1": 90, "v2": 10}, "a 90/10 split"
+        )
+        assert versions(port, 200) == {"v1": 180, "v2": 20}
+
+
+def test_kubectl_annotate_changes_the_split(release: Node) -> None:
+    release.kubectl(
+        "annotate", "service", "echo", "-n", APP, "--overwrite",
+        "weighbridge.io/weights=version=v1: 50; version=v2: 50",
+    )  # fmt: skip
+    with release.port_forward(NS, f"pod/{a_proxy(release)}", 8080) as port:
+        eventually(
+            lambda: versions(port, 100), lambda c: c == {"v1": 50, "v2": 50}, "a 50/50 split"
+        )
+
+
+def test_the_admin_api_through_a_port_forward(release: Node) -> None:
+    proxy = a_proxy(release)
+    with (
+        release.port_forward(NS, f"pod/{proxy}", 9501) as port,
+        grpc.insecure_channel(f"127.0.0.1:{port}") as ch,
+    ):
+        stub = admin_pb2_grpc.AdminStub(ch)
+        listed = stub.ListBackendSets(admin_pb2.ListBackendSetsRequest(), timeout=10)
+        assert listed.proxy_id == proxy and listed.etcd_connected
+        (echo,) = [s for s in listed.services if s.backend_set.name == "echo"]
+        assert echo.backend_set.namespace == APP
+        assert {b.endpoint.pod.split("-")[1] for b in echo.backends} == {"v1", "v2"}
+        assert all(b.state == "healthy" for b in echo.backends)
+        answer = stub.Explain(
+            admin_pb2.ExplainRequest(authority=AUTHORITY, method="/test.Echo/Unary"), timeout=10
+        )
+        assert answer.service == f"{APP}/echo" and not answer.error
+        assert answer.reason.startswith("weighted_round_robin: "), answer.reason
+
+
+CLIENT = """
+import json, os, sys, time, grpc
+target, authority, until = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+stop = sys.argv[4]
+ok, failed = 0, []
+with grpc.insecure_channel(target, options=[("grpc.default_authority", authority)]) as ch:
+    call = ch.unary_unary("/test.Echo/Unary")
+    while time.monotonic() < until and len(failed) < 50 and not os.path.exists(stop):
+        try:
+            call(b"", timeout=5)
+            ok += 1
+        except grpc.RpcError as e:
+            failed.append(f"{e.code().name}: {e.details()}")
+        time.sleep(0.01)
+print(json.dumps({"ok": ok, "failed": failed}))
+"""
+
+
+def test_helm_upgrade_rolls_the_proxies_without_losing_a_call(
+    release: Node, tmp_path: Path
+) -> None:
+    """A client in a test network namespace calls the proxies' Service (its ClusterIP) while
+    ``helm upgrade`` replaces every proxy pod."""
+    cluster_ip = release.kubectl(
+        "get", "service", PROXY, "-n", NS, "-o", "jsonpath={.spec.clusterIP}"
+    )
+    before = {p["metadata"]["name"] for p in pods(release, NS, component("proxy"))}
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(CLIENT))
+    with PodNetwork() as net:
+        net.add_host("client")
+        gateway = f"198.18.{net.subnet}.254"
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                f"{net.tag}-client",
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                gateway,
+            ],
+            check=True,
+        )
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", f"{net.tag}-client", sys.executable, str(script),
+             f"{cluster_ip}:8080", AUTHORITY, "300", str(tmp_path / "stop")],
+            stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        try:
+            time.sleep(5)
+            release.helm(
+                "upgrade", RELEASE, CHART, "-n", NS, "--reuse-values",
+                "--set", "proxy.graceSeconds=11", "--wait", "--timeout", "5m",
+            )  # fmt: skip
+            after = {p["metadata"]["name"] for p in pods(release, NS, component("proxy"))}
+            assert not before & after, "every proxy pod was replaced"
+            time.sleep(5)
+        finally:
+            (tmp_path / "stop").touch()
+            out, _ = client.communicate(timeout=30)
+    result = json.loads(out.strip().splitlines()[-1]) if out.strip() else None
+    assert result is not None, "the client printed nothing"
+    assert result["failed"] == [] and result["ok"] > 100, result
+
+
+def leaders(node: Node) -> dict[str, float]:
+    """Each controller pod's weighbridge_controller_leader, read through a port-forward."""
+    found = {}
+    for pod in pods(node, NS, component("controller")):
+        name = pod["metadata"]["name"]
+        with node.port_forward(NS, f"pod/{name}", 9402) as port:
+            text = subprocess.run(
+                ["curl", "-sf", f"http://127.0.0.1:{port}/metrics"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+        values = [
+            line.split()[-1]
+            for line in text.splitlines()
+            if line.startswith("weighbridge_controller_leader ")
+        ]
+        found[name] = float(values[0]) if values else -1.0
+    return found
+
+
+def test_deleting_the_leading_controller_lets_the_other_lead(release: Node) -> None:
+    now = eventually(
+        lambda: leaders(release), lambda d: sorted(d.values()) == [0.0, 1.0], "one leader"
+    )
+    (leader,) = [name for name, v in now.items() if v == 1.0]
+    release.kubectl("delete", "pod", leader, "-n", NS, "--wait=false")
+    eventually(
+        lambda: leaders(release),
+        lambda d: any(v == 1.0 for n, v in d.items() if n != leader),
+        "another controller leading",
+        timeout=90,
+    )
+    # The new leader publishes: a change of weights reaches the proxies.
+    release.kubectl(
+        "annotate", "service", "echo", "-n", APP, "--overwrite",
+        "weighbridge.io/weights=version=v1: 80; version=v2: 20",
+    )  # fmt: skip
+    with release.port_forward(NS, f"pod/{a_proxy(release)}", 8080) as port:
+        eventually(
+            lambda: versions(port, 100), lambda c: c == {"v1": 80, "v2": 20}, "an 80/20 split"
+        )
+
+
+def test_without_etcd_the_proxies_keep_serving_then_resync(release: Node) -> None:
+    (etcd,) = pods(release, NS, component("etcd"))
+    name = etcd["metadata"]["name"]
+    release.kubectl("delete", "pod", name, "-n", NS, "--wait=false")
+    eventually(
+        lambda: pods(release, NS, component("etcd")),
+        lambda ps: not any(is_ready(p) for p in ps),
+        "etcd down",
+        timeout=60,
+    )
+    with release.port_forward(NS, f"pod/{a_proxy(release)}", 8080) as port:
+        assert versions(port, 100) == {"v1": 80, "v2": 20}, "the last set, while etcd is down"
+    eventually(
+        lambda: pods(release, NS, component("etcd")),
+        lambda ps: len(ps) == 1 and is_ready(ps[0]),
+        "etcd back",
+        timeout=180,
+    )
+    release.kubectl(
+        "annotate", "service", "echo", "-n", APP, "--overwrite",
+        "weighbridge.io/weights=version=v1: 90; version=v2: 10",
+    )  # fmt: skip
+    with release.port_forward(NS, f"pod/{a_proxy(release)}", 8080) as port:
+        eventually(lambda: versions(port, 100), lambda c: c == {"v1": 90, "v2": 10}, "resynced")
+
+
+KINDS = "all,configmaps,secrets,serviceaccounts,roles,rolebindings,poddisruptionbudgets,networkpolicies,leases,jobs,persistentvolumeclaims"
+
+
+def test_helm_uninstall_leaves_only_what_the_chart_keeps(release: Node) -> None:
+    release.helm("uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "3m")
+    left = json.loads(release.kubectl("get", KINDS, "-n", NS, "-o", "json"))["items"]
+    names = sorted(
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in left
+        if (o["kind"], o["metadata"]["name"])
+        not in {("ConfigMap", "kube-root-ca.crt"), ("ServiceAccount", "default")}
+    )
+    assert names == ["PersistentVolumeClaim/data-weighbridge-etcd-0"], names
+    cluster_wide = json.loads(
+        release.kubectl(
+            "get",
+            "clusterroles,clusterrolebindings",
+            "-l",
+            f"app.kubernetes.io/instance={RELEASE}",
+            "-o",
+            "json",
+        )
+    )["items"]
+    assert cluster_wide == []
