@@ -1,10 +1,12 @@
-"""A real single-node Kubernetes (scripts/cluster) with the project's images, for the whole
-test session: up before the first cluster test, down after the last."""
+"""A real single-node Kubernetes (scripts/cluster) with the project's images, shared by the
+cluster tests: up before the first, down after the last (before the other tests run, whose
+network namespaces should not meet the node's bridge and firewall rules)."""
 
 from __future__ import annotations
 
 import contextlib
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,15 +67,24 @@ class Node:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        reader = None
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> port"
             if not line.startswith("Forwarding from 127.0.0.1:"):
                 raise AssertionError(f"kubectl port-forward {target}: {line.strip()}")
+            # kubectl says "Handling connection for PORT" per connection: read on, so that a
+            # full pipe never blocks it.
+            reader = threading.Thread(target=proc.stdout.read, daemon=True)
+            reader.start()
             yield int(line.split(":")[1].split()[0])
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+            if reader is not None:
+                reader.join(timeout=10)  # EOF once kubectl has exited
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 def _run(argv: list[str], timeout: float, input: str | None = None) -> str:
@@ -85,7 +96,7 @@ def _run(argv: list[str], timeout: float, input: str | None = None) -> str:
     return out.stdout
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def node() -> Iterator[Node]:
     """scripts/cluster up (binaries and images cached; scripts/test builds them first), the
     chart's images and the backend image imported, and down at the end of the session."""

@@ -85,49 +85,61 @@ def versions(port: int, calls: int) -> collections.Counter[str]:
         return collections.Counter(who(ch).split("-")[1] for _ in range(calls))
 
 
-BACKENDS = """
+SERVICE = """
 apiVersion: v1
 kind: Service
 metadata:
   name: echo
-  namespace: {ns}
+  namespace: NS
   annotations:
     weighbridge.io/strategy: weighted_round_robin
-    weighbridge.io/weights: "version=v1: 90; version=v2: 10"
+    weighbridge.io/weights: "version=v1: 90%; version=v2: 10%"
 spec:
-  selector: {{app: echo}}
-  ports: [{{name: grpc, port: 50051}}]
-""" + "".join(
-    f"""---
+  selector: {app: echo}
+  ports: [{name: grpc, port: 50051}]
+"""
+
+DEPLOYMENT = """
 apiVersion: apps/v1
 kind: Deployment
-metadata: {{name: echo-{v}, namespace: {{ns}}}}
+metadata: {name: echo-VERSION, namespace: NS}
 spec:
-  replicas: {n}
-  selector: {{matchLabels: {{app: echo, version: {v}}}}}
+  replicas: REPLICAS
+  selector: {matchLabels: {app: echo, version: VERSION}}
   template:
-    metadata: {{labels: {{app: echo, version: {v}}}}}
+    metadata: {labels: {app: echo, version: VERSION}}
     spec:
       containers:
         - name: echo
-          image: {{image}}
+          image: IMAGE
           imagePullPolicy: IfNotPresent
-          env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
-          ports: [{{name: grpc, containerPort: 50051}}]
-          readinessProbe: {{grpc: {{port: 50051}}, periodSeconds: 2}}
+          env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+          ports: [{name: grpc, containerPort: 50051}]
+          readinessProbe: {grpc: {port: 50051}, periodSeconds: 2}
 """
-    for v, n in (("v1", 2), ("v2", 1))
-)
+
+
+def backends(image: str) -> str:
+    """The annotated Service ``echo`` in APP, and two v1 pods and one v2 pod behind it."""
+    docs = [SERVICE.replace("NS", APP)] + [
+        DEPLOYMENT.replace("VERSION", v).replace("REPLICAS", str(n))
+        .replace("NS", APP).replace("IMAGE", image)
+        for v, n in (("v1", 2), ("v2", 1))
+    ]  # fmt: skip
+    return "---".join(docs)
 
 
 @pytest.fixture(scope="module")
 def release(node: Node) -> Iterator[Node]:
-    """The chart installed with default values, and the backends of an annotated Service."""
+    """The chart installed with default values, and the backends of an annotated Service
+    (after removing what an interrupted earlier session left: the cluster's state persists)."""
+    node.helm("uninstall", RELEASE, "-n", NS, "--ignore-not-found", "--wait")
+    node.kubectl("delete", "namespace", APP, NS, "--ignore-not-found", "--wait=true", timeout=300)
     node.helm(
         "install", RELEASE, CHART, "-n", NS, "--create-namespace", "--wait", "--timeout", "6m"
     )
     node.kubectl("create", "namespace", APP)
-    node.kubectl("apply", "-f", "-", input=BACKENDS.format(ns=APP, image=node.backend_image))
+    node.kubectl("apply", "-f", "-", input=backends(node.backend_image))
     node.kubectl(
         "wait", "-n", APP, "--for=condition=Available", "deployment", "--all", "--timeout=120s"
     )
@@ -165,8 +177,9 @@ def test_install_brings_every_component_ready_through_its_probes(release: Node) 
 
 
 def test_calls_through_a_port_forward_split_as_annotated(release: Node) -> None:
-    """weighted_round_robin is exact: every 100 calls, 90 to v1 and 10 to v2."""
-    with release.port_forward(NS, f"pod/{a_proxy(release)}", 8080) as port:
+    """weighted_round_robin is exact: every 100 calls, 90 to v1 and 10 to v2 (README:
+    ``kubectl -n weighbridge port-forward svc/weighbridge-proxy 8080``, which enters one pod)."""
+    with release.port_forward(NS, f"svc/{PROXY}", 8080) as port:
         eventually(
             lambda: versions(port, 100), lambda c: c == {"v1": 90, "v2": 10}, "a 90/10 split"
         )
@@ -176,23 +189,25 @@ def test_calls_through_a_port_forward_split_as_annotated(release: Node) -> None:
 def test_kubectl_annotate_changes_the_split(release: Node) -> None:
     release.kubectl(
         "annotate", "service", "echo", "-n", APP, "--overwrite",
-        "weighbridge.io/weights=version=v1: 50; version=v2: 50",
+        "weighbridge.io/weights=version=v1: 50%; version=v2: 50%",
     )  # fmt: skip
-    with release.port_forward(NS, f"pod/{a_proxy(release)}", 8080) as port:
+    with release.port_forward(NS, f"svc/{PROXY}", 8080) as port:
         eventually(
             lambda: versions(port, 100), lambda c: c == {"v1": 50, "v2": 50}, "a 50/50 split"
         )
 
 
 def test_the_admin_api_through_a_port_forward(release: Node) -> None:
-    proxy = a_proxy(release)
+    """README: ``port-forward deploy/weighbridge-proxy 9501`` (the admin API listens on the
+    pod's loopback), ListBackendSets, Explain, and ``wbctl proxies`` in a controller pod."""
+    names = {p["metadata"]["name"] for p in pods(release, NS, component("proxy"))}
     with (
-        release.port_forward(NS, f"pod/{proxy}", 9501) as port,
+        release.port_forward(NS, f"deploy/{PROXY}", 9501) as port,
         grpc.insecure_channel(f"127.0.0.1:{port}") as ch,
     ):
         stub = admin_pb2_grpc.AdminStub(ch)
         listed = stub.ListBackendSets(admin_pb2.ListBackendSetsRequest(), timeout=10)
-        assert listed.proxy_id == proxy and listed.etcd_connected
+        assert listed.proxy_id in names and listed.etcd_connected
         (echo,) = [s for s in listed.services if s.backend_set.name == "echo"]
         assert echo.backend_set.namespace == APP
         assert {b.endpoint.pod.split("-")[1] for b in echo.backends} == {"v1", "v2"}
@@ -202,6 +217,24 @@ def test_the_admin_api_through_a_port_forward(release: Node) -> None:
         )
         assert answer.service == f"{APP}/echo" and not answer.error
         assert answer.reason.startswith("weighted_round_robin: "), answer.reason
+    table = release.kubectl(
+        "exec", "-n", NS, "deploy/weighbridge-controller", "--",
+        "wbctl", "--etcd", "weighbridge-etcd:2379", "proxies",
+    )  # fmt: skip
+    for name in names:
+        assert name in table, table
+
+
+def test_etcd_roles_hold_after_the_auth_job(release: Node) -> None:
+    """The chart's post-install Job enabled etcd auth: a proxy's certificate reads the sets
+    but cannot write them."""
+    tls = [f"--etcd-{f}=/etc/weighbridge/etcd/{n}" for f, n in
+           (("cacert", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key"))]  # fmt: skip
+    wbctl = ["exec", "-n", NS, f"deploy/{PROXY}", "--", "wbctl", "--etcd",
+             "weighbridge-etcd:2379", *tls]  # fmt: skip
+    assert f"{APP}/echo" in release.kubectl(*wbctl, "get")
+    with pytest.raises(AssertionError, match=r"(?i)permission denied"):
+        release.kubectl(*wbctl, "delete", f"{APP}/echo")
 
 
 CLIENT = """
@@ -348,14 +381,23 @@ KINDS = "all,configmaps,secrets,serviceaccounts,roles,rolebindings,poddisruption
 
 def test_helm_uninstall_leaves_only_what_the_chart_keeps(release: Node) -> None:
     release.helm("uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "3m")
-    left = json.loads(release.kubectl("get", KINDS, "-n", NS, "-o", "json"))["items"]
-    names = sorted(
-        f"{o['kind']}/{o['metadata']['name']}"
-        for o in left
-        if (o["kind"], o["metadata"]["name"])
-        not in {("ConfigMap", "kube-root-ca.crt"), ("ServiceAccount", "default")}
+
+    def left() -> list[str]:
+        items = json.loads(release.kubectl("get", KINDS, "-n", NS, "-o", "json"))["items"]
+        return sorted(
+            f"{o['kind']}/{o['metadata']['name']}"
+            for o in items
+            if (o["kind"], o["metadata"]["name"])
+            not in {("ConfigMap", "kube-root-ca.crt"), ("ServiceAccount", "default")}
+        )
+
+    # The pods stop in their own time (the proxies drain), after helm has deleted their owners.
+    eventually(
+        left,
+        lambda names: names == ["PersistentVolumeClaim/data-weighbridge-etcd-0"],
+        "only etcd's claim left",
+        timeout=120,
     )
-    assert names == ["PersistentVolumeClaim/data-weighbridge-etcd-0"], names
     cluster_wide = json.loads(
         release.kubectl(
             "get",
