@@ -55,8 +55,11 @@ FAILOVER_COUNTERS: Final = (
     "ejections",
     "health_checks_passed",
     "health_checks_failed",
+    "debug_metadata",
+    "endpoint_overrides",
 )
-"""The engine's failover counters per Service (see :meth:`Engine.failover_counters`)."""
+"""The engine's counters per Service (see :meth:`Engine.failover_counters`): failover, and the
+calls that got debug metadata or went to the pod their ``x-weighbridge-endpoint`` named."""
 
 
 class NoBackendError(WeighbridgeError):
@@ -284,6 +287,9 @@ class NativeEngine:
             ),
             health_check=failover.health_check.engine_args() if failover.health_check else None,
             panic_threshold=failover.panic_threshold.engine_args(),
+            debug=failover.debug.engine_args(),
+            generation=route.generation,
+            revision=route.revision,
             slow_start=failover.slow_start.engine_args() if failover.slow_start else None,
             hash=failover.hash.engine_args() if failover.hash else None,
             stream_idle_timeout_s=(

@@ -51,11 +51,14 @@ class Engine:
         health_check: tuple[str, float, float, int, int] | None,
         panic_threshold: int,
         stream_idle_timeout_s: float,
+        debug: tuple[bool, bool],
         slow_start: tuple[float, float, int] | None = None,
         hash: tuple[str, int] | None = None,
         tls: tuple[str, str, str, str] | None = None,
         zone_aware: tuple[bool, int, bool] | None = None,
         places: list[tuple[str, list[str], list[str]]] | None = None,
+        generation: int = 0,
+        revision: int = 0,
     ) -> None: ...
     def set_proxy_zones(self, proxies: dict[str, int]) -> None: ...
     def zone_plan(self, key: str) -> str | None: ...
