@@ -181,10 +181,13 @@ class Engine(Protocol):
         """The Service a call would reach and how it matched; raises :class:`NoRouteError`."""
         ...
 
-    def explain(self, key: ServiceKey, hash_value: str | None = None) -> tuple[str, str]:
+    def explain(
+        self, key: ServiceKey, hash_value: str | None = None, endpoint: str | None = None
+    ) -> tuple[str, str]:
         """HOST:PORT of the endpoint the next call of ``key`` would get, and why, without
-        picking (for ring_hash: a call whose hashed header has ``hash_value``); raises
-        :class:`NoBackendError`."""
+        picking (for ring_hash: a call whose hashed header has ``hash_value``; for a call
+        carrying ``x-weighbridge-endpoint: POD``, ``endpoint``: that pod's); raises
+        :class:`NoBackendError`, also when the Service refuses the pod."""
         ...
 
     def stats(self, key: ServiceKey | None = None) -> list[BackendStats]: ...
@@ -325,9 +328,11 @@ class NativeEngine:
             raise NoRouteError(str(exc)) from None
         return ServiceKey(key), matched
 
-    def explain(self, key: ServiceKey, hash_value: str | None = None) -> tuple[str, str]:
+    def explain(
+        self, key: ServiceKey, hash_value: str | None = None, endpoint: str | None = None
+    ) -> tuple[str, str]:
         try:
-            return self._engine.explain(key, hash_value)
+            return self._engine.explain(key, hash_value, endpoint)
         except LookupError as exc:
             raise NoBackendError(str(exc)) from None
 

@@ -577,14 +577,29 @@ impl Engine {
             .map_err(PyLookupError::new_err)
     }
 
-    /// (HOST:PORT, why) of the endpoint Service `key`'s next call would get, without picking;
-    /// raises LookupError when the Service has no route or no endpoint to pick.
-    #[pyo3(signature = (key, hash_value=None))]
-    fn explain(&self, key: &str, hash_value: Option<&str>) -> PyResult<(String, String)> {
+    /// (HOST:PORT, why) of the endpoint Service `key`'s next call would get, without picking
+    /// (a call naming pod `endpoint` in `x-weighbridge-endpoint`: that pod's); raises
+    /// LookupError when the Service has no route or no endpoint to pick, or refuses the pod.
+    #[pyo3(signature = (key, hash_value=None, endpoint=None))]
+    fn explain(
+        &self,
+        key: &str,
+        hash_value: Option<&str>,
+        endpoint: Option<&str>,
+    ) -> PyResult<(String, String)> {
         let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
         let route = table
             .get(key)
             .ok_or_else(|| PyLookupError::new_err(format!("no backend set for Service {key}")))?;
+        if let Some(pod) = endpoint {
+            let i = route
+                .forced(pod)
+                .map_err(|(_, _, message)| PyLookupError::new_err(message))?;
+            return Ok((
+                route.targets[i].backend.hostport.clone(),
+                route.forced_why(i),
+            ));
+        }
         let (i, mut why) = route
             .explain(hash_value.map(|v| hash_key(v.as_bytes())))
             .map_err(PyLookupError::new_err)?;

@@ -619,7 +619,9 @@ async fn serve_call(
                 route.counters.endpoint_overrides.fetch_add(1, Relaxed);
                 Some(i)
             }
-            Err((reason, code, message)) => return Err(Fail::Local(reason, code, message)),
+            Err((reason, code, message)) => {
+                return Err(Fail::Local(reason, code, format!("weighbridge: {message}")))
+            }
         },
     };
     let no_backend = |message: String| {

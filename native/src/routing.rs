@@ -294,18 +294,18 @@ impl Route {
         ))
     }
 
-    /// The endpoint of pod `pod`, for a call carrying `x-weighbridge-endpoint`: (gRPC status,
-    /// message) when the Service does not allow that or has no such endpoint. A forced call
-    /// goes to its endpoint whatever its state (ejected, unhealthy, in slow start): the caller
-    /// asked for that pod, and a failure then names it.
+    /// The endpoint of pod `pod`, for a call carrying `x-weighbridge-endpoint`: (counter,
+    /// gRPC status, message) when the Service does not allow that or has no such endpoint. A
+    /// forced call goes to its endpoint whatever its state (ejected, unhealthy, in slow start):
+    /// the caller asked for that pod, and a failure then names it.
     pub fn forced(&self, pod: &str) -> Result<usize, (LocalError, u32, String)> {
         if !self.policy.debug.endpoint_override {
             return Err((
                 LocalError::EndpointOverrideDenied,
                 grpc::FAILED_PRECONDITION,
                 format!(
-                    "weighbridge: Service {} does not allow x-weighbridge-endpoint; annotate it \
-                     with weighbridge.io/debug: 'endpoint-override: on' to allow it",
+                    "Service {} does not allow x-weighbridge-endpoint; annotate it with \
+                     weighbridge.io/debug: 'endpoint-override: on' to allow it",
                     self.key
                 ),
             ));
@@ -331,8 +331,8 @@ impl Route {
             LocalError::EndpointNotFound,
             grpc::NOT_FOUND,
             format!(
-                "weighbridge: Service {} has no endpoint of pod {} that takes calls (serving, \
-                 not terminating, weight > 0); its pods: {}",
+                "Service {} has no endpoint of pod {} that takes calls (serving, not \
+                 terminating, weight > 0); its pods: {}",
                 self.key,
                 quoted(pod),
                 if pods.is_empty() {
@@ -709,7 +709,7 @@ mod tests {
         let (_, code, e) = r.forced("pod-1").unwrap_err();
         assert_eq!(code, grpc::FAILED_PRECONDITION);
         assert!(
-            e.starts_with("weighbridge: Service ns/a does not allow x-weighbridge-endpoint")
+            e.starts_with("Service ns/a does not allow x-weighbridge-endpoint")
                 && e.ends_with("weighbridge.io/debug: 'endpoint-override: on' to allow it"),
             "{e}"
         );

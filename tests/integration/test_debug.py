@@ -181,12 +181,21 @@ async def test_debug_metadata_is_initial_metadata_when_calls_fail_too(
             assert not own(initial) and not own(trailing)
 
 
+async def explain(proxy: object, **headers: str) -> admin_pb2.ExplainResponse:
+    """The proxy's admin API's Explain of a call to default/echo with these headers."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.admin_port}") as admin:  # type: ignore[attr-defined]
+        return await admin_pb2_grpc.AdminStub(admin).Explain(
+            admin_pb2.ExplainRequest(authority="echo.default", method=UNARY, headers=headers)
+        )
+
+
 async def test_a_forced_endpoint_needs_the_services_leave_and_a_pod_it_has(
     etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd
 ) -> None:
     """``x-weighbridge-endpoint: POD`` is refused (FAILED_PRECONDITION, naming the annotation
     that allows it) unless the Service allows it; allowed, every such call goes to that pod,
-    and a pod the Service does not have is NOT_FOUND, naming the pods it has."""
+    and a pod the Service does not have is NOT_FOUND, naming the pods it has. Explain, given
+    the header, says the same without a call."""
     async with (
         echo_backends("a", "b", "c") as backends,
         running_proxy(etcd_server.endpoint, scheme) as proxy,
@@ -194,14 +203,15 @@ async def test_a_forced_endpoint_needs_the_services_leave_and_a_pod_it_has(
         a, b, c = backends
         await applied(proxy, await put(etcd, scheme, backends))
         force_b = ("x-weighbridge-endpoint", "echo-b")
+        refused = (
+            "weighbridge: Service default/echo does not allow x-weighbridge-endpoint; "
+            "annotate it with weighbridge.io/debug: 'endpoint-override: on' to allow it"
+        )
         async with channel(proxy) as ch:
             code, details, _, _ = await unary(ch, force_b)
-            assert code == grpc.StatusCode.FAILED_PRECONDITION
-            assert details == (
-                "weighbridge: Service default/echo does not allow x-weighbridge-endpoint; "
-                "annotate it with weighbridge.io/debug: 'endpoint-override: on' to allow it"
-            )
+            assert (code, details) == (grpc.StatusCode.FAILED_PRECONDITION, refused)
             assert a.calls + b.calls + c.calls == 0
+        assert (await explain(proxy, **dict([force_b]))).error == refused
 
         allowed = {"debug": "endpoint-override: on"}
         await applied(proxy, await put(etcd, scheme, backends, allowed))
@@ -227,6 +237,15 @@ async def test_a_forced_endpoint_needs_the_services_leave_and_a_pod_it_has(
             assert own(initial)["x-weighbridge-service"] == "default/echo"
             assert "x-weighbridge-backend" not in initial
         never_forwarded(a, b, c)
+        explained = await explain(proxy, **dict([force_b]))
+        assert (explained.endpoint.port, explained.reason) == (
+            b.port,
+            "forced by x-weighbridge-endpoint: pod echo-b",
+        )
+        explained = await explain(proxy, **{"x-weighbridge-endpoint": "echo-z"})
+        assert explained.error.startswith(
+            "weighbridge: Service default/echo has no endpoint of pod 'echo-z'"
+        ), explained.error
 
         body = await scrape(proxy.metrics_port)
         calls = metric_values(body, "weighbridge_proxy_debug_calls_total")
