@@ -14,6 +14,7 @@ Service annotations::
     weighbridge.io/health-check: "service: helloworld.Greeter"
     weighbridge.io/panic-threshold: 50%
     weighbridge.io/backend-tls: "server-name: api.shop.svc; ca: shop-ca"   # optional
+    weighbridge.io/debug: "endpoint-override: on"   # optional: x-weighbridge-endpoint allowed
 
 Pod annotation::
 
@@ -51,6 +52,7 @@ STREAM_IDLE_TIMEOUT: Final = PREFIX + policy.STREAM_IDLE_TIMEOUT
 SLOW_START: Final = PREFIX + policy.SLOW_START
 HASH: Final = PREFIX + policy.HASH
 ZONE_AWARE: Final = PREFIX + policy.ZONE_AWARE
+DEBUG: Final = PREFIX + policy.DEBUG
 
 POLICIES: Final = {
     RETRY: (policy.RETRY, "InvalidRetry"),
@@ -62,6 +64,7 @@ POLICIES: Final = {
     SLOW_START: (policy.SLOW_START, "InvalidSlowStart"),
     HASH: (policy.HASH, "InvalidHash"),
     ZONE_AWARE: (policy.ZONE_AWARE, "InvalidZoneAware"),
+    DEBUG: (policy.DEBUG, "InvalidDebug"),
 }
 """Policy annotation → (its ``BackendSet.options`` key, the Event reason of an error)."""
 

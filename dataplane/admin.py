@@ -9,7 +9,7 @@ from dataplane.routing import Routes, ServiceState, endpoint_state
 from dataplane.subscription import Subscription
 from weighbridge.keys import ServiceKey
 from weighbridge.model import endpoint_to_proto, to_proto
-from weighbridge.policy import failover_from_options
+from weighbridge.policy import ENDPOINT_HEADER, failover_from_options
 from weighbridge.v1 import admin_pb2 as api
 from weighbridge.v1 import admin_pb2_grpc as api_grpc
 
@@ -96,8 +96,9 @@ class AdminService(api_grpc.AdminServicer):
         # ring_hash's key, from the request headers Explain was given.
         hashed = failover_from_options(state.backend_set.options)[0].hash if state else None
         hash_value = request.headers.get(hashed.header) if hashed else None
+        forced = request.headers.get(ENDPOINT_HEADER)
         try:
-            hostport, reason = self.engine.explain(key, hash_value)
+            hostport, reason = self.engine.explain(key, hash_value, forced)
         except NoBackendError as exc:
             response.error = f"weighbridge: {exc}"
             return response

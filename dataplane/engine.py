@@ -55,8 +55,11 @@ FAILOVER_COUNTERS: Final = (
     "ejections",
     "health_checks_passed",
     "health_checks_failed",
+    "debug_metadata",
+    "endpoint_overrides",
 )
-"""The engine's failover counters per Service (see :meth:`Engine.failover_counters`)."""
+"""The engine's counters per Service (see :meth:`Engine.failover_counters`): failover, and the
+calls that got debug metadata or went to the pod their ``x-weighbridge-endpoint`` named."""
 
 
 class NoBackendError(WeighbridgeError):
@@ -178,10 +181,13 @@ class Engine(Protocol):
         """The Service a call would reach and how it matched; raises :class:`NoRouteError`."""
         ...
 
-    def explain(self, key: ServiceKey, hash_value: str | None = None) -> tuple[str, str]:
+    def explain(
+        self, key: ServiceKey, hash_value: str | None = None, endpoint: str | None = None
+    ) -> tuple[str, str]:
         """HOST:PORT of the endpoint the next call of ``key`` would get, and why, without
-        picking (for ring_hash: a call whose hashed header has ``hash_value``); raises
-        :class:`NoBackendError`."""
+        picking (for ring_hash: a call whose hashed header has ``hash_value``; for a call
+        carrying ``x-weighbridge-endpoint: POD``, ``endpoint``: that pod's); raises
+        :class:`NoBackendError`, also when the Service refuses the pod."""
         ...
 
     def stats(self, key: ServiceKey | None = None) -> list[BackendStats]: ...
@@ -284,6 +290,9 @@ class NativeEngine:
             ),
             health_check=failover.health_check.engine_args() if failover.health_check else None,
             panic_threshold=failover.panic_threshold.engine_args(),
+            debug=failover.debug.engine_args(),
+            generation=route.generation,
+            revision=route.revision,
             slow_start=failover.slow_start.engine_args() if failover.slow_start else None,
             hash=failover.hash.engine_args() if failover.hash else None,
             stream_idle_timeout_s=(
@@ -319,9 +328,11 @@ class NativeEngine:
             raise NoRouteError(str(exc)) from None
         return ServiceKey(key), matched
 
-    def explain(self, key: ServiceKey, hash_value: str | None = None) -> tuple[str, str]:
+    def explain(
+        self, key: ServiceKey, hash_value: str | None = None, endpoint: str | None = None
+    ) -> tuple[str, str]:
         try:
-            return self._engine.explain(key, hash_value)
+            return self._engine.explain(key, hash_value, endpoint)
         except LookupError as exc:
             raise NoBackendError(str(exc)) from None
 

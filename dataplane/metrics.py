@@ -147,6 +147,13 @@ class ProxyCollector(Collector):
             "Active health checks, by result.",
             labels=["service", "result"],
         )
+        debug = CounterMetricFamily(
+            "weighbridge_proxy_debug_calls",
+            "Calls given a debugging aid, by kind: metadata (x-weighbridge-debug), "
+            "endpoint_override (sent to the pod x-weighbridge-endpoint named).",
+            labels=["service", "kind"],
+        )
+        debug_kinds = {"debug_metadata": "metadata", "endpoint_overrides": "endpoint_override"}
         kinds = {"transparent_retries": "transparent", "retries": "configured"}
         results = {"health_checks_passed": "passed", "health_checks_failed": "failed"}
         for row in self.engine.failover_counters():  # counters a newer engine adds are skipped
@@ -158,6 +165,8 @@ class ProxyCollector(Collector):
                 exhausted.add_metric([row.service], row.value)
             elif row.counter == "ejections":
                 ejections.add_metric([row.service], row.value)
+            elif row.counter in debug_kinds:
+                debug.add_metric([row.service, debug_kinds[row.counter]], row.value)
         dropped = CounterMetricFamily(
             "weighbridge_proxy_state_events_dropped",
             "Endpoint state changes the engine dropped, unread (their log lines are missing).",
@@ -185,7 +194,17 @@ class ProxyCollector(Collector):
             "Client connections open now (at most --max-client-connections).",
         )
         connections.add_metric([], self.engine.client_connections)
-        yield from (retries, exhausted, ejections, checks, dropped, tls, limits, connections)
+        yield from (
+            retries,
+            exhausted,
+            ejections,
+            checks,
+            debug,
+            dropped,
+            tls,
+            limits,
+            connections,
+        )
 
     def _engine(self) -> Iterator[Family]:
         counters = self.engine.counters()

@@ -138,7 +138,7 @@ class Routes:
             self.engine.remove(key)
             del self.services[key]
         else:
-            self.engine.apply(key, configure(backend_set))
+            self.engine.apply(key, configure(backend_set, revision=mod_revision))
             self.services[key] = ServiceState(backend_set, mod_revision)
         old_names = old.backend_set.grpc_services if old is not None else ()
         new_names = backend_set.grpc_services if backend_set is not None else ()

@@ -1,11 +1,11 @@
 """Policies of a Service beyond its strategy: configured retries, outlier detection, active
 health checks, the panic threshold, TLS to its backends, its stream idle timeout, slow start,
-ring_hash's key and zone-aware routing.
+ring_hash's key, zone-aware routing and what its callers may ask for while debugging.
 
 This module is the one home of their defaults and of their text: the annotation syntax the
 controller parses (``weighbridge.io/retry``, ``…/outlier-detection``, ``…/health-check``,
 ``…/panic-threshold``, ``…/backend-tls``, ``…/stream-idle-timeout``, ``…/slow-start``,
-``…/hash``, ``…/zone-aware``), and the canonical text
+``…/hash``, ``…/zone-aware``, ``…/debug``), and the canonical text
 it stores in ``BackendSet.options`` under the keys :data:`OPTION_KEYS`, which proxies parse
 again. ``format_*`` writes the canonical text and
 ``parse_*`` reads it back to an equal policy.
@@ -42,6 +42,7 @@ STREAM_IDLE_TIMEOUT: Final = "stream-idle-timeout"
 SLOW_START: Final = "slow-start"
 HASH: Final = "hash"
 ZONE_AWARE: Final = "zone-aware"
+DEBUG: Final = "debug"
 OPTION_KEYS: Final = (
     RETRY,
     OUTLIER_DETECTION,
@@ -52,6 +53,7 @@ OPTION_KEYS: Final = (
     SLOW_START,
     HASH,
     ZONE_AWARE,
+    DEBUG,
 )
 """``BackendSet.options`` keys of the policies: the annotation names without ``weighbridge.io/``.
 An absent key means the policy's default."""
@@ -289,6 +291,32 @@ class ZoneAware:
 
 _ON_OFF: Final = {"on": True, "off": False}
 
+DEBUG_HEADER: Final = "x-weighbridge-debug"
+"""The request header (value ``1``) that asks the proxy for debug metadata."""
+ENDPOINT_HEADER: Final = "x-weighbridge-endpoint"
+"""The request header naming the pod a call goes to, where :attr:`Debug.endpoint_override`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Debug:
+    """What a Service's callers may ask of the proxy while debugging (``weighbridge.io/debug``).
+    The per-call behaviour lives in the engine (``native/src/proxy.rs``, ``routing.rs``)."""
+
+    metadata: bool = True
+    """A call carrying ``x-weighbridge-debug: 1`` gets response metadata naming the backend it
+    reached, its pod, the strategy, the set's generation and revision, and why that backend.
+    On by default: it answers "where did my call go" without access to the admin API. It tells
+    a caller one pod's address and name; a Service whose callers must not learn them turns it
+    off."""
+    endpoint_override: bool = False
+    """A call carrying ``x-weighbridge-endpoint: POD`` goes to that pod, past the strategy,
+    weights, slow start, outlier detection and health checks. Off by default: any caller could
+    otherwise pin load onto one pod or reach one the Service keeps from calls."""
+
+    def engine_args(self) -> tuple[bool, bool]:
+        """The engine's ``debug``: (metadata, endpoint override)."""
+        return (self.metadata, self.endpoint_override)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HealthCheck:
@@ -503,6 +531,29 @@ def format_zone_aware(policy: ZoneAware) -> str:
         f"prefer: {on[policy.prefer]}; min-endpoints: {policy.min_endpoints}; "
         f"hints: {on[policy.hints]}"
     )
+
+
+def parse_debug(text: str) -> Debug:
+    """``weighbridge.io/debug``: fields ``metadata: on|off`` (default on) and
+    ``endpoint-override: on|off`` (default off); ``on`` turns both on, ``off`` both off."""
+    entries = _entries(text)
+    if entries == ["on"]:
+        return Debug(metadata=True, endpoint_override=True)
+    if entries == ["off"]:
+        return Debug(metadata=False, endpoint_override=False)
+    fields = _fields(entries, ("metadata", "endpoint-override"))
+    kw: dict[str, Any] = {}
+    for key, name in (("metadata", "metadata"), ("endpoint-override", "endpoint_override")):
+        if key in fields:
+            if fields[key] not in _ON_OFF:
+                raise ValueError(f"{key}: {fields[key]!r} is not 'on' or 'off'")
+            kw[name] = _ON_OFF[fields[key]]
+    return Debug(**kw)
+
+
+def format_debug(policy: Debug) -> str:
+    on = {True: "on", False: "off"}
+    return f"metadata: {on[policy.metadata]}; endpoint-override: {on[policy.endpoint_override]}"
 
 
 def parse_health_check(text: str) -> HealthCheck | None:
@@ -825,6 +876,8 @@ class Failover:
     """ring_hash's key; None: no key (every call a weighted random draw)."""
     zone_aware: ZoneAware = ZoneAware()
     """By default EndpointSlice hints are followed and no zone is preferred otherwise."""
+    debug: Debug = Debug()
+    """By default debug metadata is given and endpoint overrides are refused."""
 
 
 DEFAULTS: Final = Failover()
@@ -840,6 +893,7 @@ _CANONICAL: Final[Mapping[str, Callable[[str], str]]] = {
     SLOW_START: lambda text: format_slow_start(parse_slow_start(text)),
     HASH: lambda text: format_hash(parse_hash(text)),
     ZONE_AWARE: lambda text: format_zone_aware(parse_zone_aware(text)),
+    DEBUG: lambda text: format_debug(parse_debug(text)),
 }
 
 
@@ -881,13 +935,17 @@ def failover_from_options(options: Mapping[str, str]) -> tuple[Failover, dict[st
         slow_start=read(SLOW_START, parse_slow_start, DEFAULTS.slow_start),
         hash=read(HASH, parse_hash, DEFAULTS.hash),
         zone_aware=read(ZONE_AWARE, parse_zone_aware, DEFAULTS.zone_aware),
+        debug=read(DEBUG, parse_debug, DEFAULTS.debug),
     )
     return failover, errors
 
 
 __all__ = [
     "BACKEND_TLS",
+    "DEBUG",
+    "DEBUG_HEADER",
     "DEFAULTS",
+    "ENDPOINT_HEADER",
     "HASH",
     "HEALTH_CHECK",
     "OPTION_KEYS",
@@ -899,6 +957,7 @@ __all__ = [
     "STREAM_IDLE_TIMEOUT",
     "ZONE_AWARE",
     "BackendTls",
+    "Debug",
     "Failover",
     "HashKey",
     "HealthCheck",
@@ -910,6 +969,7 @@ __all__ = [
     "canonical_option",
     "failover_from_options",
     "format_backend_tls",
+    "format_debug",
     "format_duration",
     "format_hash",
     "format_health_check",
@@ -920,6 +980,7 @@ __all__ = [
     "format_stream_idle_timeout",
     "format_zone_aware",
     "parse_backend_tls",
+    "parse_debug",
     "parse_duration",
     "parse_hash",
     "parse_health_check",

@@ -70,14 +70,18 @@ class RouteConfig:
     """Endpoints in the set, eligible or not (to explain an empty route)."""
     failover: Failover = DEFAULTS
     """Retries, outlier detection, health checks and panic threshold."""
+    generation: int = 0
+    """The set's generation, and the etcd revision it was stored at: debug metadata names them."""
+    revision: int = 0
 
 
-def configure(backend_set: BackendSet) -> RouteConfig:
+def configure(backend_set: BackendSet, *, revision: int = 0) -> RouteConfig:
     """The engine's configuration of ``backend_set`` (whose strategy the model validated).
 
     An invalid failover option (the controller validates them, so only a hand-written set or a
     newer controller's syntax has one) is logged and replaced by its default, never refused:
-    the endpoints still get their calls."""
+    the endpoints still get their calls. ``revision`` is the etcd revision the set was stored
+    at."""
     strategy = REGISTRY[backend_set.strategy]
     eligible = backend_set.eligible
     failover, errors = failover_from_options(backend_set.options)
@@ -99,6 +103,8 @@ def configure(backend_set: BackendSet) -> RouteConfig:
         ),
         total=len(backend_set.endpoints),
         failover=failover,
+        generation=backend_set.generation,
+        revision=revision,
     )
 
 

@@ -19,7 +19,7 @@ use crate::limits::{ClientLimits, LimitCounters};
 use crate::locality::{Locality, PlaceArg, ZoneAware, Zones};
 use crate::pool::{Pool, Tuning};
 use crate::retry::{Budget, RetryArg, RetryPolicy, ServiceCounters};
-use crate::routing::{Policy, Route, Table, Target};
+use crate::routing::{Debug, Policy, Route, Table, Target};
 use crate::slow_start::{Ramp, SlowStart, SlowStartArg};
 use crate::stats::{Counters, Stats};
 use crate::strategy::{hash_key, Picker, RING_HASH};
@@ -303,10 +303,13 @@ impl Engine {
     /// `endpoints` are the eligible ones, as (HOST:PORT, pod, weight > 0); `total` counts every
     /// endpoint of the set, eligible or not, to explain an empty route. The failover settings
     /// come resolved (defaults live in Python): `retry`, `outlier` and `health_check` are None
-    /// when off. Raises ValueError for an unknown strategy, a weight of 0 or a bad setting.
+    /// when off; `debug` is (debug metadata allowed, endpoint override allowed). `generation`
+    /// and `revision` (the set's, and the etcd revision it was stored at) only go into debug
+    /// metadata. Raises ValueError for an unknown strategy, a weight of 0 or a bad setting.
     #[pyo3(signature = (
         key, strategy, endpoints, total, *, retry, outlier, health_check, panic_threshold,
-        stream_idle_timeout_s, slow_start=None, hash=None, tls=None, zone_aware=None, places=None
+        stream_idle_timeout_s, debug, slow_start=None, hash=None, tls=None, zone_aware=None,
+        places=None, generation=0, revision=0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn apply(
@@ -320,11 +323,14 @@ impl Engine {
         health_check: Option<CheckArg>,
         panic_threshold: u32,
         stream_idle_timeout_s: f64,
+        debug: (bool, bool),
         slow_start: Option<SlowStartArg>,
         hash: Option<(String, u32)>,
         tls: Option<ClientTlsArg>,
         zone_aware: Option<(bool, usize, bool)>,
         places: Option<Vec<PlaceArg>>,
+        generation: u64,
+        revision: i64,
     ) -> PyResult<()> {
         let invalid = |e: String| PyValueError::new_err(format!("Service {key}: {e}"));
         let policy = Policy {
@@ -355,6 +361,10 @@ impl Engine {
                 .map(|(header, _)| http::HeaderName::try_from(header.as_str()))
                 .transpose()
                 .map_err(|e| invalid(format!("hash header: {e}")))?,
+            debug: Debug {
+                metadata: debug.0,
+                endpoint_override: debug.1,
+            },
         };
         let check = health_check
             .map(CheckPolicy::from_arg)
@@ -450,7 +460,7 @@ impl Engine {
                     handshake,
                     tls.as_ref(),
                 );
-                let pod = if pod.is_empty() {
+                let of_pod = if pod.is_empty() {
                     String::new()
                 } else {
                     format!(", pod {pod}")
@@ -460,7 +470,8 @@ impl Engine {
                     stats: Arc::clone(stats),
                     health: Arc::clone(health),
                     ramp: Arc::clone(ramp),
-                    who: format!("backend {hostport} (Service {key}{pod})"),
+                    who: format!("backend {hostport} (Service {key}{of_pod})"),
+                    pod: pod.clone(),
                 }
             })
             .collect();
@@ -478,6 +489,9 @@ impl Engine {
         }
         let route = Route {
             key,
+            strategy: strategy.to_string(),
+            generation,
+            revision,
             targets,
             weights,
             picker,
@@ -563,41 +577,44 @@ impl Engine {
             .map_err(PyLookupError::new_err)
     }
 
-    /// (HOST:PORT, why) of the endpoint Service `key`'s next call would get, without picking;
-    /// raises LookupError when the Service has no route or no endpoint to pick.
-    #[pyo3(signature = (key, hash_value=None))]
-    fn explain(&self, key: &str, hash_value: Option<&str>) -> PyResult<(String, String)> {
+    /// (HOST:PORT, why) of the endpoint Service `key`'s next call would get, without picking
+    /// (a call naming pod `endpoint` in `x-weighbridge-endpoint`: that pod's); raises
+    /// LookupError when the Service has no route or no endpoint to pick, or refuses the pod.
+    #[pyo3(signature = (key, hash_value=None, endpoint=None))]
+    fn explain(
+        &self,
+        key: &str,
+        hash_value: Option<&str>,
+        endpoint: Option<&str>,
+    ) -> PyResult<(String, String)> {
         let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
         let route = table
             .get(key)
             .ok_or_else(|| PyLookupError::new_err(format!("no backend set for Service {key}")))?;
+        if let Some(pod) = endpoint {
+            let i = route
+                .forced(pod)
+                .map_err(|(_, _, message)| PyLookupError::new_err(message))?;
+            return Ok((
+                route.targets[i].backend.hostport.clone(),
+                route.forced_why(i),
+            ));
+        }
         let (i, mut why) = route
             .explain(hash_value.map(|v| hash_key(v.as_bytes())))
             .map_err(PyLookupError::new_err)?;
         let target = &route.targets[i];
-        if let Some(policy) = route
-            .policy
-            .slow_start
-            .as_ref()
-            .filter(|_| target.ramp.ramping())
-        {
-            let part = target.ramp.admitted(policy);
-            why = format!(
-                "{why}; in slow start, taking {:.0}% of its share",
-                part * 100.0
-            );
+        if let Some(note) = route.ramp_note(i) {
+            why = format!("{why}; {note}");
         }
-        if let Some((state, reason)) = target.unavailable() {
+        if let Some(note) = route.unavailable_note(i) {
             // The call would skip it: say so, and name the next in order that can take it
             // (without picking: explaining changes no state).
             let n = route.targets.len();
             let next = (1..n)
                 .map(|k| &route.targets[(i + k) % n])
                 .find(|t| t.available());
-            why = format!(
-                "{why}; but {} is {state} ({reason})",
-                target.backend.hostport
-            );
+            why = format!("{why}; {note}");
             return Ok(match next {
                 Some(t) => {
                     why.push_str(", so the call goes to one that can take it");

@@ -7,7 +7,9 @@ use http::{HeaderMap, HeaderValue};
 
 pub const UNKNOWN: u32 = 2;
 pub const DEADLINE_EXCEEDED: u32 = 4;
+pub const NOT_FOUND: u32 = 5;
 pub const RESOURCE_EXHAUSTED: u32 = 8;
+pub const FAILED_PRECONDITION: u32 = 9;
 pub const UNAVAILABLE: u32 = 14;
 
 /// `grpc-timeout` (e.g. `250m`) as a duration; None when malformed.

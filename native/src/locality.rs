@@ -285,6 +285,24 @@ impl Zones {
             .map_err(str::to_string)
     }
 
+    /// A pick of `group`'s picker and why, in the words of `explain`.
+    pub fn pick_why(
+        &self,
+        group: &Group,
+        load: &dyn Load,
+        key: Option<u64>,
+    ) -> Result<(usize, String), String> {
+        let subset = Subset {
+            load,
+            members: &group.members,
+        };
+        let (j, why) = group
+            .picker
+            .pick_why(&subset, key)
+            .map_err(str::to_string)?;
+        Ok((group.members[j], format!("{}; {why}", self.why())))
+    }
+
     /// (endpoint, why) of `group`'s next pick, without changing its state.
     pub fn explain(
         &self,

@@ -5,6 +5,12 @@
 //! writer instead of filling the proxy's memory. Headers and trailers pass unchanged, and so do
 //! the backend's status and details. Errors the proxy produces itself are gRPC statuses whose
 //! message starts with `weighbridge:` and names the route or backend concerned.
+//!
+//! Request headers under `x-weighbridge-` are the proxy's own and never reach a backend: a call
+//! carrying `x-weighbridge-debug: 1` gets debug metadata (`DebugReply`) in its response
+//! headers, and one carrying `x-weighbridge-endpoint: POD` goes to that pod when its Service
+//! allows it (`Route::forced`). docs/annotations.md (`weighbridge.io/debug`) says what users
+//! see.
 
 use std::future::{poll_fn, Future};
 use std::pin::pin;
@@ -16,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -277,6 +283,8 @@ struct Front {
     respond: SendResponse<Bytes>,
     /// Once the response headers went out.
     stream: Option<SendStream<Bytes>>,
+    /// What a call that asked for debug metadata is told; None for every other call.
+    debug: Option<Box<DebugReply>>,
 }
 
 impl Front {
@@ -288,16 +296,42 @@ impl Front {
                 let _ = stream.send_trailers(status);
             }
             None => {
-                let mut response = Response::new(());
-                let headers = response.headers_mut();
-                headers.insert(
-                    "content-type",
-                    http::HeaderValue::from_static("application/grpc"),
-                );
-                headers.extend(status);
-                let _ = self.respond.send_response(response, true);
+                let (mut head, ()) = Response::new(()).into_parts();
+                head.headers.insert("content-type", GRPC_CONTENT_TYPE);
+                head.headers.extend(status);
+                let _ = self.trailers_only(head);
             }
         }
+    }
+
+    /// Adds the debug metadata, when the call asked for it, to response headers about to go.
+    #[inline]
+    fn decorate(&self, headers: &mut HeaderMap) {
+        if let Some(debug) = &self.debug {
+            debug.write(headers);
+        }
+    }
+
+    /// Ends the call with a Trailers-Only response `head` (a status and its metadata, no
+    /// message). A call that asked for debug metadata gets response headers carrying it, then
+    /// `head` as trailers: so clients show debug metadata as initial metadata whatever the
+    /// outcome, and the status and metadata `head` holds as trailing metadata, as ever.
+    fn trailers_only(&mut self, head: http::response::Parts) -> Result<(), ()> {
+        let Some(debug) = &self.debug else {
+            return self
+                .respond
+                .send_response(Response::from_parts(head, ()), true)
+                .map(drop)
+                .map_err(drop);
+        };
+        let mut trailers = head.headers;
+        let content_type = trailers.remove("content-type").unwrap_or(GRPC_CONTENT_TYPE);
+        let mut response = Response::new(());
+        *response.status_mut() = head.status;
+        response.headers_mut().insert("content-type", content_type);
+        debug.write(response.headers_mut());
+        let mut stream = self.respond.send_response(response, false).map_err(drop)?;
+        stream.send_trailers(trailers).map_err(drop)
     }
 
     fn reset(&mut self, reason: Reason) {
@@ -306,6 +340,71 @@ impl Front {
             None => self.respond.send_reset(reason),
         }
     }
+}
+
+const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
+
+/// What a call asked of the proxy itself, in request headers under `x-weighbridge-`.
+#[derive(Default)]
+struct Asked {
+    /// `x-weighbridge-debug: 1`: debug metadata in the response.
+    debug: bool,
+    /// `x-weighbridge-endpoint: POD`: that pod, whatever the strategy says.
+    endpoint: Option<HeaderValue>,
+}
+
+const DEBUG_HEADER: &str = "x-weighbridge-debug";
+const ENDPOINT_HEADER: &str = "x-weighbridge-endpoint";
+
+/// Debug metadata for one call (`x-weighbridge-debug: 1`), in the response headers: the
+/// Service, its strategy, the set's generation and etcd revision, and, once an endpoint is
+/// picked, the endpoint of the last try, its pod, the tries made and why it was picked.
+struct DebugReply {
+    route: Arc<Route>,
+    /// The endpoint of the last try.
+    target: Option<usize>,
+    /// Why it was picked, in the words of Explain.
+    why: String,
+    tries: u32,
+}
+
+impl DebugReply {
+    fn write(&self, headers: &mut HeaderMap) {
+        let route = &self.route;
+        headers.insert("x-weighbridge-service", header_text(&route.key));
+        headers.insert("x-weighbridge-strategy", header_text(&route.strategy));
+        headers.insert("x-weighbridge-generation", route.generation.into());
+        headers.insert("x-weighbridge-revision", route.revision.into());
+        let Some(i) = self.target else { return };
+        let target = &route.targets[i];
+        headers.insert(
+            "x-weighbridge-backend",
+            header_text(&target.backend.hostport),
+        );
+        if !target.pod.is_empty() {
+            headers.insert("x-weighbridge-pod", header_text(&target.pod));
+        }
+        headers.insert("x-weighbridge-attempts", self.tries.into());
+        headers.insert("x-weighbridge-reason", header_text(&self.why));
+    }
+}
+
+/// `text` as a gRPC ASCII metadata value: printable ASCII; the few other characters the
+/// proxy's explanations use are spelled in ASCII, any other becomes `?`.
+fn header_text(text: &str) -> HeaderValue {
+    let mut ascii = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            ' '..='~' => ascii.push(c),
+            '…' => ascii.push_str("..."),
+            '≥' => ascii.push_str(">="),
+            '≤' => ascii.push_str("<="),
+            '×' => ascii.push('x'),
+            '→' => ascii.push_str("->"),
+            _ => ascii.push('?'),
+        }
+    }
+    HeaderValue::from_str(&ascii).expect("printable ASCII is a valid header value")
 }
 
 enum Fail {
@@ -369,6 +468,7 @@ async fn call(
     let mut front = Front {
         respond,
         stream: None,
+        debug: None,
     };
     let (mut head, body) = request.into_parts();
     let authority = head.uri.authority().map_or("", |a| a.as_str());
@@ -380,14 +480,30 @@ async fn call(
             return;
         }
     };
-    strip_own_headers(&mut head.headers);
+    let asked = take_own_headers(&mut head.headers);
+    if asked.debug && route.policy.debug.metadata {
+        route.counters.debug_metadata.fetch_add(1, Relaxed);
+        front.debug = Some(Box::new(DebugReply {
+            route: Arc::clone(&route),
+            target: None,
+            why: String::new(),
+            tries: 0,
+        }));
+    }
     let timeout = head
         .headers
         .get("grpc-timeout")
         .and_then(|v| grpc::parse_timeout(v.as_bytes()));
     let mut last = None;
     let serving = serve_call(
-        &shared, &route, head, body, &mut front, &mut last, &activity,
+        &shared,
+        &route,
+        head,
+        body,
+        asked.endpoint,
+        &mut front,
+        &mut last,
+        &activity,
     );
     let deadline = timeout.map(|limit| tokio::time::Instant::now() + limit);
     let outcome = tokio::select! {
@@ -436,17 +552,29 @@ async fn call(
     }
 }
 
-/// Headers under `x-weighbridge-` are the proxy's own: what a client sends under that prefix
-/// is never trusted nor passed on to backends.
-fn strip_own_headers(headers: &mut HeaderMap) {
+/// Headers under `x-weighbridge-` are the proxy's own: taken out of the request, so backends
+/// never see them, and read for what the call asks of the proxy (debug metadata, a forced
+/// endpoint). The usual call carries none: one pass over its header names, no allocation.
+fn take_own_headers(headers: &mut HeaderMap) -> Asked {
     const OWN: &str = "x-weighbridge-";
     let is_own = |name: &http::HeaderName| name.as_str().starts_with(OWN);
+    let mut asked = Asked::default();
     if headers.keys().any(is_own) {
         let own: Vec<http::HeaderName> = headers.keys().filter(|n| is_own(n)).cloned().collect();
         for name in own {
-            headers.remove(name);
+            let value = headers.remove(&name);
+            match name.as_str() {
+                DEBUG_HEADER => {
+                    asked.debug = value.is_some_and(|v| {
+                        v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true")
+                    })
+                }
+                ENDPOINT_HEADER => asked.endpoint = value,
+                _ => {}
+            }
         }
     }
+    asked
 }
 
 async fn idle_or_never(activity: &Activity, idle: Option<Duration>) {
@@ -457,12 +585,15 @@ async fn idle_or_never(activity: &Activity, idle: Option<Duration>) {
 }
 
 /// The call's tries, one after another, until one answers or none may follow; Ok(true) when
-/// the status passed on was OK. `last` is the index of the endpoint tried last.
+/// the status passed on was OK. `last` is the index of the endpoint tried last. A call that
+/// names a pod (`endpoint`, from `x-weighbridge-endpoint`) makes every try to that pod.
+#[allow(clippy::too_many_arguments)]
 async fn serve_call(
     shared: &Shared,
     route: &Route,
     mut head: http::request::Parts,
     body: RecvStream,
+    endpoint: Option<HeaderValue>,
     front: &mut Front,
     last: &mut Option<usize>,
     activity: &Activity,
@@ -481,15 +612,45 @@ async fn serve_call(
         .as_ref()
         .and_then(|h| head.headers.get(h))
         .map(|v| hash_key(v.as_bytes()));
+    let forced = match endpoint {
+        None => None,
+        Some(pod) => match route.forced(&String::from_utf8_lossy(pod.as_bytes())) {
+            Ok(i) => {
+                route.counters.endpoint_overrides.fetch_add(1, Relaxed);
+                Some(i)
+            }
+            Err((reason, code, message)) => {
+                return Err(Fail::Local(reason, code, format!("weighbridge: {message}")))
+            }
+        },
+    };
+    let no_backend = |message: String| {
+        Fail::Local(
+            LocalError::NoBackend,
+            grpc::UNAVAILABLE,
+            format!("weighbridge: {message}"),
+        )
+    };
     let (mut transparent, mut tries, mut avoid) = (0u32, 0u32, None);
     loop {
-        let i = route.pick(avoid, key).map_err(|message| {
-            Fail::Local(
-                LocalError::NoBackend,
-                grpc::UNAVAILABLE,
-                format!("weighbridge: {message}"),
-            )
-        })?;
+        let i = match (forced, front.debug.as_deref_mut()) {
+            (None, None) => route.pick(avoid, key).map_err(no_backend)?,
+            (Some(i), debug) => {
+                if let Some(debug) = debug {
+                    debug.why = route.forced_why(i);
+                }
+                i
+            }
+            (None, Some(debug)) => {
+                let (i, why) = route.pick_why(avoid, key).map_err(no_backend)?;
+                debug.why = why;
+                i
+            }
+        };
+        if let Some(debug) = front.debug.as_deref_mut() {
+            debug.target = Some(i);
+            debug.tries += 1;
+        }
         *last = Some(i);
         let target = &route.targets[i];
         let mut request = Request::new(());
@@ -612,10 +773,7 @@ async fn serve_call(
         }
         return match status {
             Some(status) => {
-                front
-                    .respond
-                    .send_response(Response::from_parts(status, ()), true)
-                    .map_err(|_| Fail::ClientGone)?;
+                front.trailers_only(status).map_err(|()| Fail::ClientGone)?;
                 Ok(false)
             }
             None => Err(Fail::Local(
@@ -800,16 +958,21 @@ async fn try_once(
         }
     }
     committed.store(true, Relaxed);
+    if response_ends {
+        return match front.trailers_only(head) {
+            Ok(()) => Try::Done(true, Verdict::Good),
+            Err(()) => Try::Failed(Fail::ClientGone, Verdict::Good),
+        };
+    }
+    let mut head = head;
+    front.decorate(&mut head.headers);
     let stream_out = match front
         .respond
-        .send_response(Response::from_parts(head, ()), response_ends)
+        .send_response(Response::from_parts(head, ()), false)
     {
         Ok(s) => s,
         Err(_) => return Try::Failed(Fail::ClientGone, Verdict::Good),
     };
-    if response_ends {
-        return Try::Done(true, Verdict::Good);
-    }
     let downstream = front.stream.insert(stream_out);
 
     // Phase 2: the response body and trailers, while the request may still be streaming.
@@ -1063,4 +1226,38 @@ async fn pipe(
         let _ = src.flow_control().release_capacity(len);
     }
     poll_fn(|cx| src.poll_trailers(cx)).await.map_err(src_gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_headers_are_taken_out_of_the_request_and_read() {
+        let mut h = HeaderMap::new();
+        h.insert("x-weighbridge-debug", HeaderValue::from_static("1"));
+        h.insert("x-weighbridge-endpoint", HeaderValue::from_static("shop-7"));
+        h.insert("x-weighbridge-anything", HeaderValue::from_static("x"));
+        h.insert("x-user", HeaderValue::from_static("u"));
+        let asked = take_own_headers(&mut h);
+        assert!(asked.debug);
+        assert_eq!(asked.endpoint.unwrap(), "shop-7");
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-user"]);
+
+        for (value, debug) in [("0", false), ("true", true), ("yes", false)] {
+            let mut h = HeaderMap::new();
+            h.insert("x-weighbridge-debug", HeaderValue::from_static(value));
+            assert_eq!(take_own_headers(&mut h).debug, debug, "{value}");
+            assert!(h.is_empty());
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_static("u"));
+        let asked = take_own_headers(&mut h);
+        assert!(!asked.debug && asked.endpoint.is_none() && h.len() == 1);
+    }
+
+    #[test]
+    fn debug_metadata_is_printable_ascii() {
+        assert_eq!(header_text("a ≥ b… → é"), "a >= b... -> ?");
+    }
 }

@@ -162,10 +162,14 @@ pub struct ServiceCounters {
     pub ejections: AtomicU64,
     pub checks_passed: AtomicU64,
     pub checks_failed: AtomicU64,
+    /// Calls that asked for debug metadata and got it.
+    pub debug_metadata: AtomicU64,
+    /// Calls sent to the pod their `x-weighbridge-endpoint` named.
+    pub endpoint_overrides: AtomicU64,
 }
 
 impl ServiceCounters {
-    pub fn snapshot(&self) -> [(&'static str, u64); 6] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 8] {
         [
             (
                 "transparent_retries",
@@ -179,6 +183,8 @@ impl ServiceCounters {
             ("ejections", self.ejections.load(Relaxed)),
             ("health_checks_passed", self.checks_passed.load(Relaxed)),
             ("health_checks_failed", self.checks_failed.load(Relaxed)),
+            ("debug_metadata", self.debug_metadata.load(Relaxed)),
+            ("endpoint_overrides", self.endpoint_overrides.load(Relaxed)),
         ]
     }
 }

@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::grpc;
 use crate::health::{Health, OutlierPolicy};
 use crate::locality::Zones;
 use crate::pool::Backend;
 use crate::retry::{Budget, RetryPolicy, ServiceCounters};
 use crate::slow_start::{Ramp, SlowStart};
-use crate::stats::Stats;
+use crate::stats::{LocalError, Stats};
 use crate::strategy::{Load, Picker};
 
 pub struct Target {
@@ -27,6 +28,8 @@ pub struct Target {
     pub ramp: Arc<Ramp>,
     /// "backend HOST:PORT (Service NS/NAME, pod POD)", for error messages.
     pub who: String,
+    /// The Pod behind the endpoint, "" when unknown: what `x-weighbridge-endpoint` names.
+    pub pod: String,
 }
 
 impl Target {
@@ -58,11 +61,27 @@ pub struct Policy {
     pub hash_header: Option<http::HeaderName>,
     /// New endpoints and weight increases ramp up; None: at once.
     pub slow_start: Option<SlowStart>,
+    pub debug: Debug,
+}
+
+/// What a Service lets its callers ask for while debugging (`weighbridge.io/debug`).
+#[derive(Clone, Copy)]
+pub struct Debug {
+    /// A call carrying `x-weighbridge-debug: 1` gets response metadata naming its backend,
+    /// pod, strategy, set and the reason for the pick.
+    pub metadata: bool,
+    /// A call carrying `x-weighbridge-endpoint: POD` goes to that pod.
+    pub endpoint_override: bool,
 }
 
 pub struct Route {
     /// NAMESPACE/NAME
     pub key: String,
+    /// The strategy's name, the set's generation and the etcd revision it was stored at, for
+    /// debug metadata.
+    pub strategy: String,
+    pub generation: u64,
+    pub revision: i64,
     pub targets: Vec<Target>,
     /// The targets' weights, for picks among a subset.
     pub weights: Vec<u32>,
@@ -112,19 +131,64 @@ impl Route {
     /// again). Below the panic threshold, the pick is the strategy's among all endpoints.
     /// With a zone plan, the first pick is the strategy's within the zone the plan draws; any
     /// other is among every zone.
+    #[inline]
     pub fn pick(&self, avoid: Option<usize>, key: Option<u64>) -> Result<usize, String> {
-        let first = match self.zones.as_ref().and_then(Zones::group) {
-            Some(group) => Zones::pick(group, self, key)?,
-            None => self.picker.pick(self, key)?,
+        self.pick_with(avoid, key, None)
+    }
+
+    /// A pick as `pick` makes it, and why in the words of Explain: for calls that ask for
+    /// debug metadata.
+    pub fn pick_why(
+        &self,
+        avoid: Option<usize>,
+        key: Option<u64>,
+    ) -> Result<(usize, String), String> {
+        let mut why = String::new();
+        let i = self.pick_with(avoid, key, Some(&mut why))?;
+        Ok((i, why))
+    }
+
+    #[inline]
+    fn pick_with(
+        &self,
+        avoid: Option<usize>,
+        key: Option<u64>,
+        mut why: Option<&mut String>,
+    ) -> Result<usize, String> {
+        let group = self.zones.as_ref().and_then(Zones::group);
+        let first = match (why.as_deref_mut(), group, &self.zones) {
+            (None, Some(group), _) => Zones::pick(group, self, key)?,
+            (None, None, _) => self.picker.pick(self, key)?,
+            (Some(why), Some(group), Some(zones)) => {
+                let (i, w) = zones.pick_why(group, self, key)?;
+                *why = w;
+                i
+            }
+            (Some(why), _, zones) => {
+                let (i, w) = self.picker.pick_why(self, key)?;
+                *why = match zones {
+                    Some(zones) => format!("{}; {w}", zones.why()),
+                    None => w,
+                };
+                i
+            }
         };
         let admitted = self.admits(first);
         if Some(first) != avoid && admitted && self.targets[first].available() {
+            if let Some(why) = why {
+                if let Some(note) = self.ramp_note(first) {
+                    why.push_str(&format!("; {note}"));
+                }
+            }
             return Ok(first); // the usual case: one pick, two loads
         }
         let n = self.targets.len();
         let available = self.targets.iter().filter(|t| t.available()).count();
         let panic = (available * 100) < (self.policy.panic_threshold as usize * n);
         let usable = |i: usize| Some(i) != avoid && (panic || self.targets[i].available());
+        if let Some(why) = why.as_deref_mut() {
+            self.skipped(why, first, avoid, admitted, panic);
+        }
         if admitted && usable(first) {
             return Ok(first);
         }
@@ -152,9 +216,132 @@ impl Route {
         }
         match avoid {
             // The only endpoint left is the one that just failed: better it than nothing.
-            Some(i) if n == 1 || panic || self.targets[i].available() => Ok(i),
+            Some(i) if n == 1 || panic || self.targets[i].available() => {
+                if let Some(why) = why {
+                    why.push_str("; the only endpoint left is the one the last try failed on");
+                }
+                Ok(i)
+            }
             _ => Err(self.none_available()),
         }
+    }
+
+    /// Adds to `why` why the strategy's first pick `first` was passed over (a debug call's
+    /// reason), in the words of Explain.
+    fn skipped(
+        &self,
+        why: &mut String,
+        first: usize,
+        avoid: Option<usize>,
+        admitted: bool,
+        panic: bool,
+    ) {
+        let host = &self.targets[first].backend.hostport;
+        if Some(first) == avoid {
+            why.push_str(&format!(
+                "; but the last try failed on {host}, so the call goes to another"
+            ));
+        } else if !admitted {
+            why.push_str(&format!(
+                "; but {host} is in slow start and sat this call out, so the call goes to another"
+            ));
+        } else if let Some(note) = self.unavailable_note(first) {
+            if panic {
+                why.push_str(&format!(
+                    "; {note}, yet fewer than {}% of the endpoints can take calls (the panic \
+                     threshold), so every endpoint does",
+                    self.policy.panic_threshold
+                ));
+            } else {
+                why.push_str(&format!(
+                    "; {note}, so the call goes to one that can take it"
+                ));
+            }
+        }
+    }
+
+    /// Why a call carrying `x-weighbridge-endpoint` went to endpoint `i`.
+    pub fn forced_why(&self, i: usize) -> String {
+        let why = format!(
+            "forced by x-weighbridge-endpoint: pod {}",
+            self.targets[i].pod
+        );
+        match self.unavailable_note(i) {
+            Some(note) => format!("{why}; {note}, and a forced call goes to it anyway"),
+            None => why,
+        }
+    }
+
+    /// "in slow start, taking N% of its share" when endpoint `i` is ramping up.
+    pub fn ramp_note(&self, i: usize) -> Option<String> {
+        let target = &self.targets[i];
+        let policy = self.policy.slow_start.as_ref()?;
+        target.ramp.ramping().then(|| {
+            format!(
+                "in slow start, taking {:.0}% of its share",
+                target.ramp.admitted(policy) * 100.0
+            )
+        })
+    }
+
+    /// "but HOST:PORT is STATE (REASON)" when endpoint `i` cannot take calls.
+    pub fn unavailable_note(&self, i: usize) -> Option<String> {
+        let target = &self.targets[i];
+        let (state, reason) = target.unavailable()?;
+        Some(format!(
+            "but {} is {state} ({reason})",
+            target.backend.hostport
+        ))
+    }
+
+    /// The endpoint of pod `pod`, for a call carrying `x-weighbridge-endpoint`: (counter,
+    /// gRPC status, message) when the Service does not allow that or has no such endpoint. A
+    /// forced call goes to its endpoint whatever its state (ejected, unhealthy, in slow start):
+    /// the caller asked for that pod, and a failure then names it.
+    pub fn forced(&self, pod: &str) -> Result<usize, (LocalError, u32, String)> {
+        if !self.policy.debug.endpoint_override {
+            return Err((
+                LocalError::EndpointOverrideDenied,
+                grpc::FAILED_PRECONDITION,
+                format!(
+                    "Service {} does not allow x-weighbridge-endpoint; annotate it with \
+                     weighbridge.io/debug: 'endpoint-override: on' to allow it",
+                    self.key
+                ),
+            ));
+        }
+        if let Some(i) = self
+            .targets
+            .iter()
+            .position(|t| !pod.is_empty() && t.pod == pod)
+        {
+            return Ok(i);
+        }
+        let mut pods: Vec<&str> = self
+            .targets
+            .iter()
+            .map(|t| t.pod.as_str())
+            .filter(|p| !p.is_empty())
+            .take(10)
+            .collect();
+        if self.targets.len() > 10 {
+            pods.push("…");
+        }
+        Err((
+            LocalError::EndpointNotFound,
+            grpc::NOT_FOUND,
+            format!(
+                "Service {} has no endpoint of pod {} that takes calls (serving, not \
+                 terminating, weight > 0); its pods: {}",
+                self.key,
+                quoted(pod),
+                if pods.is_empty() {
+                    "none".to_string()
+                } else {
+                    pods.join(", ")
+                }
+            ),
+        ))
     }
 
     /// (endpoint, why) of the next call's first pick, without changing the strategy's state
@@ -341,11 +528,15 @@ mod tests {
                     })),
                     ramp: Arc::default(),
                     who: hostport,
+                    pod: format!("pod-{i}"),
                 }
             })
             .collect();
         Route {
             key: "ns/a".into(),
+            strategy: strategy.into(),
+            generation: 7,
+            revision: 42,
             targets,
             weights: weights.to_vec(),
             picker: Picker::build(strategy, weights, &[], 0, 1.25, "empty".into()).unwrap(),
@@ -357,6 +548,10 @@ mod tests {
                 stream_idle_timeout: None,
                 hash_header: None,
                 slow_start: None,
+                debug: Debug {
+                    metadata: true,
+                    endpoint_override: false,
+                },
             },
             budget: Arc::default(),
             counters,
@@ -506,5 +701,65 @@ mod tests {
         rr.targets[2].ramp.begin(0.0);
         let third = (0..n).filter(|_| rr.pick(None, None) == Ok(2)).count() as f64 / n as f64;
         assert!(third < 0.15 && third > 0.05, "{third}");
+    }
+
+    #[test]
+    fn a_forced_endpoint_needs_the_annotation_and_a_pod_of_the_set() {
+        let mut r = route("round_robin", &[1, 1, 1], 50);
+        let (_, code, e) = r.forced("pod-1").unwrap_err();
+        assert_eq!(code, grpc::FAILED_PRECONDITION);
+        assert!(
+            e.starts_with("Service ns/a does not allow x-weighbridge-endpoint")
+                && e.ends_with("weighbridge.io/debug: 'endpoint-override: on' to allow it"),
+            "{e}"
+        );
+        r.policy.debug.endpoint_override = true;
+        assert_eq!(r.forced("pod-1").map_err(|e| e.2), Ok(1));
+        let (_, code, e) = r.forced("pod-9").unwrap_err();
+        assert_eq!(code, grpc::NOT_FOUND);
+        assert!(
+            e.contains("has no endpoint of pod 'pod-9' that takes calls")
+                && e.ends_with("its pods: pod-0, pod-1, pod-2"),
+            "{e}"
+        );
+        assert_eq!(r.forced("").map_err(|e| e.1), Err(grpc::NOT_FOUND));
+        // An endpoint that cannot take calls still gets a forced one, which says so.
+        r.targets[1].backend.set_down(true);
+        assert_eq!(r.forced("pod-1").map_err(|e| e.2), Ok(1));
+        let why = r.forced_why(1);
+        assert!(
+            why.starts_with(
+                "forced by x-weighbridge-endpoint: pod pod-1; but 10.0.0.1:80 is connect_failing"
+            ) && why.ends_with("and a forced call goes to it anyway"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_debug_pick_says_why_in_the_words_of_explain() {
+        let r = route("round_robin", &[1, 1, 1], 0);
+        let (next, said) = r.explain(None).unwrap();
+        let (i, why) = r.pick_why(None, None).unwrap();
+        assert_eq!((i, &why), (next, &said));
+        assert!(
+            why.starts_with("round_robin: next in the rotation"),
+            "{why}"
+        );
+        // The rotation's next cannot take calls: the pick moves on and says why.
+        let down = (i + 1) % 3;
+        r.targets[down].backend.set_down(true);
+        let (j, why) = r.pick_why(None, None).unwrap();
+        assert_ne!(j, down);
+        assert!(
+            why.contains(&format!("; but 10.0.0.{down}:80 is connect_failing"))
+                && why.ends_with(", so the call goes to one that can take it"),
+            "{why}"
+        );
+        // A retry passes over the endpoint its last try failed on.
+        let r = route("round_robin", &[1, 1], 0);
+        let (next, _) = r.explain(None).unwrap();
+        let (j, why) = r.pick_why(Some(next), None).unwrap();
+        assert_ne!(j, next);
+        assert!(why.contains("but the last try failed on"), "{why}");
     }
 }

@@ -64,10 +64,14 @@ pub enum LocalError {
     BackendBusy,
     /// Nothing moved on the call for the stream idle timeout.
     StreamIdleTimeout,
+    /// `x-weighbridge-endpoint` on a Service that does not allow it.
+    EndpointOverrideDenied,
+    /// `x-weighbridge-endpoint` named no pod of the Service that takes calls.
+    EndpointNotFound,
 }
 
 impl LocalError {
-    pub const ALL: [LocalError; 11] = [
+    pub const ALL: [LocalError; 13] = [
         LocalError::NoRoute,
         LocalError::NoBackend,
         LocalError::ConnectFailed,
@@ -79,6 +83,8 @@ impl LocalError {
         LocalError::PerTryTimeout,
         LocalError::BackendBusy,
         LocalError::StreamIdleTimeout,
+        LocalError::EndpointOverrideDenied,
+        LocalError::EndpointNotFound,
     ];
 
     pub fn name(self) -> &'static str {
@@ -94,6 +100,8 @@ impl LocalError {
             LocalError::PerTryTimeout => "per_try_timeout",
             LocalError::BackendBusy => "backend_busy",
             LocalError::StreamIdleTimeout => "stream_idle_timeout",
+            LocalError::EndpointOverrideDenied => "endpoint_override_denied",
+            LocalError::EndpointNotFound => "endpoint_not_found",
         }
     }
 }

@@ -218,6 +218,11 @@ BAD = [
     ({"weighbridge.io/weights": "version=v1: -3"}, "InvalidWeights", "is not a number"),
     ({"weighbridge.io/weights": "pod/x: 1.5"}, "InvalidWeights", "is not a whole number"),
     ({"weighbridge.io/port": "http"}, "InvalidPort", "has no port 'http'"),
+    (
+        {"weighbridge.io/debug": "endpoint-override: yes"},
+        "InvalidDebug",
+        "weighbridge.io/debug: endpoint-override: 'yes' is not 'on' or 'off'",
+    ),
 ]
 
 

@@ -77,6 +77,24 @@ async def spread(chans: list[grpc.aio.Channel], per_proxy: int) -> collections.C
     return seen
 
 
+async def forced(
+    chans: list[grpc.aio.Channel], pod: str, per_proxy: int
+) -> collections.Counter[str]:
+    """Calls ``per_proxy`` unary calls forced to ``pod`` through each proxy, with debug
+    metadata; counts the backends that answered."""
+    seen: collections.Counter[str] = collections.Counter()
+    asked = (("x-weighbridge-endpoint", pod), ("x-weighbridge-debug", "1"))
+    for ch in chans:
+        for _ in range(per_proxy):
+            call = ch.unary_unary("/test.Echo/Unary")(b"", timeout=5, metadata=asked)
+            md = dict(await call.initial_metadata())
+            await call  # FAILED_PRECONDITION until the proxy has the annotation
+            assert md["x-weighbridge-pod"] == md["x-backend"] == pod, md
+            assert md["x-weighbridge-reason"] == f"forced by x-weighbridge-endpoint: pod {pod}"
+            seen[str(md["x-backend"])] += 1
+    return seen
+
+
 async def strategies(admin_ports: list[int], key: str) -> list[tuple[str, int]]:
     out = []
     for port in admin_ports:
@@ -211,3 +229,15 @@ async def test_end_to_end_through_kubernetes_controller_and_two_proxies(
             messages = [m async for m in stream]
             assert messages == [f"{victim}:{i}".encode() for i in range(6)]
             assert await stream.code() == grpc.StatusCode.OK
+
+            # Debugging one call: once the Service allows it, both proxies send a call to the
+            # pod its x-weighbridge-endpoint names, and x-weighbridge-debug says so.
+            pod = next(n for n in names if n != victim)
+            await k8s.annotate(
+                "Service", "shop", **{"weighbridge.io/debug": "endpoint-override: on"}
+            )
+            await eventually(
+                lambda: forced(chans, pod, 10),
+                lambda s: s == {pod: 20},
+                what="both proxies honour x-weighbridge-endpoint",
+            )

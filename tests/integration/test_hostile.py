@@ -453,8 +453,9 @@ async def test_client_headers_under_the_proxys_prefix_never_reach_backends(
 ) -> None:
     async with serving(etcd, scheme, etcd_server) as (proxy, a):
         async with channel(proxy) as ch:
+            # (x-weighbridge-endpoint, the one that steers a call, is test_debug.py's.)
             md = (
-                ("x-weighbridge-endpoint", "evil-pod"),
+                ("x-weighbridge-backend", "spoofed"),
                 ("x-weighbridge-debug", "1"),
                 ("x-other", "kept"),
             )

@@ -166,6 +166,22 @@ def test_failover_policies_become_canonical_options() -> None:
     }
 
 
+def test_debug_allows_the_endpoint_override_only_when_annotated() -> None:
+    base = {"weighbridge.io/strategy": "random"}
+    assert "debug" not in parse_service(base).options
+    for text, canonical in (
+        ("endpoint-override: on", "metadata: on; endpoint-override: on"),
+        ("on", "metadata: on; endpoint-override: on"),
+        (
+            "metadata: off  # callers must not learn pod addresses",
+            "metadata: off; endpoint-override: off",
+        ),
+        ("off", "metadata: off; endpoint-override: off"),
+    ):
+        spec = parse_service({**base, "weighbridge.io/debug": text})
+        assert spec.options == {"debug": canonical}, text
+
+
 def test_absent_policies_are_absent_options() -> None:
     assert parse_service({"weighbridge.io/strategy": "random"}).options == {}
     assert parse_policies({"weighbridge.io/panic-threshold": "0%"}) == {"panic-threshold": "0%"}
@@ -193,6 +209,18 @@ def test_absent_policies_are_absent_options() -> None:
             "half",
             "InvalidPanicThreshold",
             "weighbridge.io/panic-threshold: 'half' is not a whole percentage (like 10%)",
+        ),
+        (
+            "debug",
+            "endpoint-override: yes",
+            "InvalidDebug",
+            "weighbridge.io/debug: endpoint-override: 'yes' is not 'on' or 'off'",
+        ),
+        (
+            "debug",
+            "allow-endpoint-override",
+            "InvalidDebug",
+            "weighbridge.io/debug: 'allow-endpoint-override' is not 'KEY: VALUE'",
         ),
     ],
 )

@@ -28,6 +28,7 @@ NO_FAILOVER = {
     "health_check": None,
     "panic_threshold": 0,
     "stream_idle_timeout_s": 0.0,
+    "debug": (True, False),
 }
 
 

@@ -409,6 +409,35 @@ def test_zone_aware_text() -> None:
     assert failover.zone_aware == DEFAULTS.zone_aware and "zone-aware" in errors
 
 
+def test_debug_text() -> None:
+    from weighbridge.policy import (
+        DEFAULTS,
+        Debug,
+        failover_from_options,
+        format_debug,
+        parse_debug,
+    )
+
+    assert DEFAULTS.debug == Debug(metadata=True, endpoint_override=False)
+    assert DEFAULTS.debug.engine_args() == (True, False)
+    assert parse_debug("on") == Debug(metadata=True, endpoint_override=True)
+    assert parse_debug("off") == Debug(metadata=False, endpoint_override=False)
+    policy = parse_debug("endpoint-override: on")
+    assert policy == Debug(metadata=True, endpoint_override=True)
+    assert parse_debug(format_debug(policy)) == policy
+    assert parse_debug("metadata: off").engine_args() == (False, False)
+    for text, message in (
+        ("endpoint-override: yes", "'yes' is not 'on' or 'off'"),
+        ("metadata: on; metadata: off", "'metadata' is given twice"),
+        ("pods: a", "'pods' is not a key here; use metadata, endpoint-override"),
+        ("", "nothing given"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_debug(text)
+    failover, errors = failover_from_options({"debug": "sometimes"})
+    assert failover.debug == DEFAULTS.debug and "debug" in errors
+
+
 def test_hash_key_text() -> None:
     from weighbridge.policy import HashKey, format_hash, parse_hash
 

@@ -124,6 +124,8 @@ def test_metrics_count_endpoints_by_state_and_the_failover_counters() -> None:
         FailoverCount(KEY, "ejections", 1),
         FailoverCount(KEY, "health_checks_passed", 10),
         FailoverCount(KEY, "health_checks_failed", 5),
+        FailoverCount(KEY, "debug_metadata", 7),
+        FailoverCount(KEY, "endpoint_overrides", 8),
         FailoverCount(KEY, "a_counter_of_a_newer_engine", 9),
     ]
     engine.events_dropped = 6
@@ -149,6 +151,8 @@ def test_metrics_count_endpoints_by_state_and_the_failover_counters() -> None:
     assert sample("weighbridge_proxy_ejections_total") == 1
     assert sample("weighbridge_proxy_health_checks_total", result="passed") == 10
     assert sample("weighbridge_proxy_health_checks_total", result="failed") == 5
+    assert sample("weighbridge_proxy_debug_calls_total", kind="metadata") == 7
+    assert sample("weighbridge_proxy_debug_calls_total", kind="endpoint_override") == 8
     assert registry.get_sample_value("weighbridge_proxy_state_events_dropped_total") == 6
     assert "newer_engine" not in generate_latest(registry).decode()
 

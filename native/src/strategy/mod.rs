@@ -123,6 +123,17 @@ impl Picker {
         }
     }
 
+    /// A pick, as `pick`, and why in the words of `explain`: for calls that ask for debug
+    /// metadata. A draw (random, two choices, a ring walk) is stateless, so its explanation is
+    /// a pick; a rotation says where it stood.
+    pub fn pick_why(&self, load: &dyn Load, key: Option<u64>) -> Result<(usize, String), &str> {
+        match self {
+            Picker::RoundRobin(p) => Ok(p.pick_why()),
+            Picker::WeightedRoundRobin(p) => Ok(p.pick_why()),
+            _ => self.explain(load, key),
+        }
+    }
+
     /// The endpoint the next pick would take and why, without changing any state (random
     /// strategies draw one to show).
     pub fn explain(&self, load: &dyn Load, key: Option<u64>) -> Result<(usize, String), &str> {
@@ -224,6 +235,35 @@ mod tests {
                 let (next, _) = p.explain(&load, None).unwrap();
                 assert_eq!(p.pick(&load, None), Ok(next), "{name}");
             }
+        }
+    }
+
+    #[test]
+    fn pick_why_picks_as_pick_does_in_the_words_of_explain() {
+        let wrr = weighted_round_robin::NAME;
+        // A rotation, a plain one under weighted_round_robin, a schedule, and deadlines
+        // (weights too large to precompute).
+        for (name, weights) in [
+            (round_robin::NAME, vec![1, 1, 1]),
+            (wrr, vec![2, 2, 2]),
+            (wrr, vec![3, 1, 2]),
+            (wrr, vec![1_000_000, 999_999, 3]),
+        ] {
+            let a = Picker::build(name, &weights, &[], 5, 1.25, String::new()).unwrap();
+            let b = Picker::build(name, &weights, &[], 5, 1.25, String::new()).unwrap();
+            let load = Fixed::idle(weights.len());
+            for _ in 0..50 {
+                let (next, said) = a.explain(&load, None).unwrap();
+                let (picked, why) = a.pick_why(&load, None).unwrap();
+                assert_eq!((picked, &why), (next, &said), "{name} {weights:?}");
+                assert_eq!(b.pick(&load, None), Ok(picked), "{name} {weights:?}");
+            }
+        }
+        for name in NAMES {
+            let keys = ["10.0.0.0:1".to_string(), "10.0.0.1:1".to_string()];
+            let p = Picker::build(name, &[1, 2], &keys, 0, 1.25, String::new()).unwrap();
+            let (i, why) = p.pick_why(&Fixed::idle(2), None).unwrap();
+            assert!(i < 2 && why.starts_with(name), "{why}");
         }
     }
 }

@@ -25,11 +25,6 @@ impl RoundRobin {
         self.next.fetch_add(1, Relaxed) % self.n
     }
 
-    /// How many endpoints the rotation walks.
-    pub fn endpoints(&self) -> usize {
-        self.n
-    }
-
     /// Where the rotation stands: the position of the next pick.
     pub fn position(&self) -> usize {
         self.next.load(Relaxed) % self.n
@@ -37,13 +32,30 @@ impl RoundRobin {
 
     pub fn explain(&self) -> (usize, String) {
         let at = self.position();
-        (
-            at,
-            format!(
-                "{NAME}: next in the rotation (position {} of {})",
-                at + 1,
-                self.n
-            ),
+        (at, self.why(at))
+    }
+
+    /// A pick and why, in the words of `explain` (for calls that ask for debug metadata).
+    pub fn pick_why(&self) -> (usize, String) {
+        let at = self.pick();
+        (at, self.why(at))
+    }
+
+    /// Why the pick at rotation position `at` (an endpoint index) took it.
+    fn why(&self, at: usize) -> String {
+        format!(
+            "{NAME}: next in the rotation (position {} of {})",
+            at + 1,
+            self.n
+        )
+    }
+
+    /// Why a rotation position `at` took its endpoint, as the weighted rotation words it.
+    pub fn why_as(&self, name: &str, at: usize) -> String {
+        format!(
+            "{name}: equal weights, so a plain rotation (position {} of {})",
+            at + 1,
+            self.n
         )
     }
 }

@@ -156,45 +156,64 @@ impl WeightedRoundRobin {
         match self {
             WeightedRoundRobin::Rotation(r) => {
                 let at = r.position();
-                (
-                    at,
-                    format!(
-                        "{NAME}: equal weights, so a plain rotation (position {} of {})",
-                        at + 1,
-                        r.endpoints()
-                    ),
-                )
+                (at, r.why_as(NAME, at))
             }
-            WeightedRoundRobin::Scheduled {
-                schedule,
-                next,
-                weights,
-            } => {
+            WeightedRoundRobin::Scheduled { schedule, next, .. } => {
                 let at = next.load(Relaxed) % schedule.len();
-                let i = schedule[at] as usize;
-                (
-                    i,
-                    format!(
-                        "{NAME}: step {} of a {}-pick schedule in which this endpoint has {} picks",
-                        at + 1,
-                        schedule.len(),
-                        weights[i]
-                    ),
-                )
+                (schedule[at] as usize, self.why_step(at))
             }
             WeightedRoundRobin::Deadlines { heap, total } => {
                 let heap = heap.lock().unwrap_or_else(|e| e.into_inner());
                 let due = *heap.peek().expect("not empty");
-                (
-                    due.i as usize,
-                    format!(
-                        "{NAME}: earliest due (pick {} of weight {} in a period of {total})",
-                        due.k, due.w
-                    ),
-                )
+                (due.i as usize, why_due(due, *total))
             }
         }
     }
+
+    /// A pick and why, in the words of `explain` (for calls that ask for debug metadata).
+    pub fn pick_why(&self) -> (usize, String) {
+        match self {
+            WeightedRoundRobin::Rotation(r) => {
+                let at = r.pick();
+                (at, r.why_as(NAME, at))
+            }
+            WeightedRoundRobin::Scheduled { schedule, next, .. } => {
+                let at = next.fetch_add(1, Relaxed) % schedule.len();
+                (schedule[at] as usize, self.why_step(at))
+            }
+            WeightedRoundRobin::Deadlines { heap, total } => {
+                let mut heap = heap.lock().unwrap_or_else(|e| e.into_inner());
+                let due = *heap.peek().expect("not empty");
+                take(&mut heap);
+                (due.i as usize, why_due(due, *total))
+            }
+        }
+    }
+
+    /// Why step `at` of the schedule took its endpoint.
+    fn why_step(&self, at: usize) -> String {
+        let WeightedRoundRobin::Scheduled {
+            schedule, weights, ..
+        } = self
+        else {
+            return String::new();
+        };
+        let i = schedule[at] as usize;
+        format!(
+            "{NAME}: step {} of a {}-pick schedule in which this endpoint has {} picks",
+            at + 1,
+            schedule.len(),
+            weights[i]
+        )
+    }
+}
+
+/// Why the earliest due endpoint was (or will be) taken.
+fn why_due(due: Due, total: u64) -> String {
+    format!(
+        "{NAME}: earliest due (pick {} of weight {} in a period of {total})",
+        due.k, due.w
+    )
 }
 
 #[cfg(test)]
