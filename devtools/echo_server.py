@@ -3,8 +3,10 @@ scripts/build-images runs it).
 
 ``/test.Echo/Unary`` answers with the request's bytes and the response header ``x-backend``
 naming the pod (``$POD_NAME``, else the host name), so a test can count which pod each call
-reached; ``grpc.health.v1`` reports SERVING for the kubelet's readiness probe until SIGTERM,
-then NOT_SERVING while calls in flight finish (``$GRACE`` seconds, 5 by default).
+reached; a request header ``x-delay-ms: N`` holds the answer N ms (at most 10 s), so a test can
+keep calls in flight; ``grpc.health.v1`` reports SERVING for the kubelet's readiness probe
+until SIGTERM, then NOT_SERVING while calls in flight finish (``$GRACE`` seconds, 5 by
+default).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ NAME = os.environ.get("POD_NAME") or socket.gethostname()
 
 async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
     await context.send_initial_metadata((("x-backend", NAME),))
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-delay-ms":
+            await asyncio.sleep(min(float(value), 10_000.0) / 1000)
     return request
 
 
