@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,13 +187,18 @@ class XdsClient:
 
 @contextlib.asynccontextmanager
 async def xds_client(
-    xds_port: int, target: str, node: str = "test-client"
+    xds_port: int,
+    target: str,
+    node: str = "test-client",
+    tls: dict[str, str] | None = None,
 ) -> AsyncIterator[XdsClient]:
+    """``tls``: the bootstrap's ``tls`` channel credentials config (gRFC A65)."""
+    creds = {"type": "tls", "config": tls} if tls else {"type": "insecure"}
     bootstrap = {
         "xds_servers": [
             {
                 "server_uri": f"127.0.0.1:{xds_port}",
-                "channel_creds": [{"type": "insecure"}],
+                "channel_creds": [creds],
                 "server_features": ["xds_v3", "ignore_resource_deletion"],
             }
         ],
@@ -359,3 +365,42 @@ async def test_a_client_sees_only_the_namespaces_it_is_allowed(
                 }, result
             async with xds_client(proxy.xds, "xds:///shop.default.svc.cluster.local") as shown:
                 assert (await shown.run(3))["counts"] == {"a": 3}
+
+
+async def test_over_mtls_a_client_sees_the_namespace_of_its_spiffe_id(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, tmp_path: Path
+) -> None:
+    """The xDS port takes the client port's certificate and client CA: a client whose
+    certificate says ``spiffe://cluster.local/ns/shop/sa/web`` sees namespace ``shop`` and no
+    other (``--xds-namespaces`` names none)."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make test certificates")
+    ca = testenv.CertificateAuthority(tmp_path / "pki")
+    server = (tmp_path / "pki/server.crt", tmp_path / "pki/server.key")
+    client = (tmp_path / "pki/web.crt", tmp_path / "pki/web.key")
+    ca.issue("weighbridge-proxy", *server, server=True)
+    ca.issue("web", *client, san="URI:spiffe://cluster.local/ns/shop/sa/web")
+    tls = {
+        "ca_certificate_file": str(ca.cert),
+        "certificate_file": str(client[0]),
+        "private_key_file": str(client[1]),
+    }
+    async with backends("a") as (a,):
+        await put(etcd, scheme, [(a, 1)], namespace="shop", name="cart")
+        await put(etcd, scheme, [(a, 1)])
+        async with proxy_process(
+            etcd_server.endpoint,
+            scheme,
+            tmp_path,
+            *("--tls-cert", str(server[0]), "--tls-key", str(server[1])),
+            *("--tls-client-ca", str(ca.cert)),
+        ) as proxy:
+            async with xds_client(proxy.xds, "xds:///cart.shop", tls=tls) as own:
+                assert (await own.run(3))["counts"] == {"a": 3}
+            async with xds_client(proxy.xds, "xds:///shop.default", tls=tls) as other:
+                result = await other.run(4)
+                assert not result["counts"], result
+                assert any("does not exist" in e for e in result["errors"]), result
+            async with xds_client(proxy.xds, "xds:///cart.shop") as plaintext:
+                result = await plaintext.run(1)
+                assert not result["counts"], result
