@@ -28,6 +28,7 @@ from tests.integration.conftest import eventually
 from weighbridge import etcd as store
 from weighbridge.keys import KeyScheme
 from weighbridge.model import BackendSet, Endpoint
+from weighbridge.policy import HASH, RETRY, HashKey, RetryPolicy, format_hash, format_retry
 
 pytestmark = pytest.mark.integration
 CLIENT = Path(__file__).with_name("xds_client.py")
@@ -42,10 +43,14 @@ class Backend:
     port: int = 0
     peers: list[str] = field(default_factory=list)
     server: Any = None
+    fail_every: int = 0
+    """When > 0, every fail_every-th call fails UNAVAILABLE."""
 
     async def start(self) -> None:
         async def who(request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
             self.peers.append(context.peer())
+            if self.fail_every and len(self.peers) % self.fail_every == 0:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} fails this one")
             return self.name.encode()
 
         self.server = grpc.aio.server()
@@ -80,13 +85,17 @@ async def put(
     strategy: str = "weighted_round_robin",
     namespace: str = "default",
     name: str = "shop",
+    options: dict[str, str] | None = None,
+    terminating: Sequence[Backend] = (),
 ) -> int:
     endpoints = tuple(
-        Endpoint("127.0.0.1", b.port, weight=w, pod=f"{b.name}-{i}")
+        Endpoint("127.0.0.1", b.port, weight=w, pod=f"{b.name}-{i}", terminating=b in terminating)
         for i, (b, w) in enumerate(members)
     )
     return await store.put_set(
-        etcd, scheme, BackendSet(namespace, name, strategy, endpoints=endpoints)
+        etcd,
+        scheme,
+        BackendSet(namespace, name, strategy, endpoints=endpoints, options=options or {}),
     )
 
 
@@ -223,6 +232,17 @@ async def xds_client(
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+async def pushed(proxy: ProxyProcess, kind: str, responses: int) -> None:
+    """Once the proxy has sent ``responses`` responses of ``kind``, and a moment for the client
+    to apply the last."""
+    await eventually(
+        lambda: asyncio.to_thread(proxy.metric, "weighbridge_proxy_xds_responses_total", type=kind),
+        lambda n: n >= responses,
+        what=f"{responses} {kind} responses sent",
+    )
+    await asyncio.sleep(0.3)
 
 
 def within_5_sigma(count: int, n: int, p: float) -> bool:
@@ -404,3 +424,57 @@ async def test_over_mtls_a_client_sees_the_namespace_of_its_spiffe_id(
             async with xds_client(proxy.xds, "xds:///cart.shop") as plaintext:
                 result = await plaintext.run(1)
                 assert not result["counts"], result
+
+
+async def test_ring_hash_keeps_a_key_on_its_pod_and_spreads_keys_by_weight(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, tmp_path: Path
+) -> None:
+    """ring_hash with ``weighbridge.io/hash: header: x-user``: the client hashes the header, so
+    each key stays on one pod, and a pod of weight 3 holds about 3/4 of the keys."""
+    hashing = {HASH: format_hash(HashKey(header="x-user"))}
+    async with backends("heavy", "light") as (heavy, light):
+        await put(etcd, scheme, [(heavy, 3), (light, 1)], strategy="ring_hash", options=hashing)
+        async with (
+            proxy_process(etcd_server.endpoint, scheme, tmp_path, "--xds-namespaces", "*") as proxy,
+            xds_client(proxy.xds, "xds:///shop.default") as client,
+        ):
+            assert not (await client.run(20))["errors"]
+            n = 600
+            result = await client.ask(f"keys {n} x-user")
+            assert result["moved"] == 0, result
+            assert within_5_sigma(result["counts"].get("heavy", 0), n, 0.75), result
+
+
+async def test_configured_retries_reach_the_client(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, tmp_path: Path
+) -> None:
+    """A pod failing every other call UNAVAILABLE: without ``weighbridge.io/retry`` half the
+    client's calls fail; with ``on: unavailable; attempts: 3`` none does."""
+    retry = {RETRY: format_retry(RetryPolicy(on=(14,), attempts=3))}
+    async with backends("flaky") as (flaky,):
+        flaky.fail_every = 2
+        await put(etcd, scheme, [(flaky, 1)])
+        async with (
+            proxy_process(etcd_server.endpoint, scheme, tmp_path, "--xds-namespaces", "*") as proxy,
+            xds_client(proxy.xds, "xds:///shop.default") as client,
+        ):
+            without = await client.run(100)
+            assert sum(without["errors"].values()) >= 40, without
+            await put(etcd, scheme, [(flaky, 1)], options=retry)
+            await pushed(proxy, "listener", 2)
+            assert (await client.run(100)) == {"counts": {"flaky": 100}, "errors": {}}
+
+
+async def test_a_terminating_pod_gets_no_new_calls_from_the_client(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, tmp_path: Path
+) -> None:
+    async with backends("a", "b") as (a, b):
+        await put(etcd, scheme, [(a, 1), (b, 1)])
+        async with (
+            proxy_process(etcd_server.endpoint, scheme, tmp_path, "--xds-namespaces", "*") as proxy,
+            xds_client(proxy.xds, "xds:///shop.default") as client,
+        ):
+            assert set((await client.run(40))["counts"]) == {"a", "b"}
+            await put(etcd, scheme, [(a, 1), (b, 1)], terminating=[b])
+            await pushed(proxy, "endpoints", 2)
+            assert (await client.run(100))["counts"] == {"a": 100}

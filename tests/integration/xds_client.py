@@ -7,7 +7,9 @@ one command a line on stdin, one JSON line answered on stdout:
 - ``run N``: N unary calls of ``/test.Who/Who``; the count of each answer (a backend's name)
   and of each error (``CODE: details``);
 - ``until NAME``: calls until backend NAME answers (10 s at most); the Unix time it did (null
-  when it did not) and the answers before.
+  when it did not) and the answers before;
+- ``keys N HEADER``: two calls for each of N keys (``HEADER: key-i``); the count of each answer
+  to the first call, and how many keys the second call took elsewhere.
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ def main() -> None:
                         error = f"{exc.code().name}: {(exc.details() or '')[:300]}"
                         errors[error] = errors.get(error, 0) + 1
                 print(json.dumps({"counts": counts, "errors": errors}), flush=True)
+            elif command[0] == "keys":
+                first: dict[str, str] = {}
+                moved = 0
+                for i in range(int(command[1])):
+                    metadata = ((command[2], f"key-{i}"),)
+                    answers = [call(b"", timeout=5, metadata=metadata).decode() for _ in range(2)]
+                    first[f"key-{i}"] = answers[0]
+                    moved += answers[0] != answers[1]
+                counts = {}
+                for answer in first.values():
+                    counts[answer] = counts.get(answer, 0) + 1
+                print(json.dumps({"counts": counts, "moved": moved}), flush=True)
             elif command[0] == "until":
                 deadline, seen, at = time.monotonic() + 10, [], None
                 while time.monotonic() < deadline:
