@@ -47,7 +47,6 @@ from dataplane.settings import ProxySettings
 from dataplane.subscription import Subscription
 from dataplane.xds.resources import (
     CLUSTER,
-    ENDPOINTS,
     LISTENER,
     ROUTE,
     TYPES,
@@ -296,31 +295,38 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     def _resources(
         self, type_url: str, sub: _Subscription, visibility: Visibility
     ) -> list[any_pb2.Any]:
+        """Every resource of ``type_url`` the subscription names (or all, wildcard) that exists
+        and that the client may see, in name order."""
         if type_url == ROUTE:
             return []
+        services = self.routes.services
+        named: list[tuple[str, ServiceKey | None]]
         if sub.wildcard:
-            keys = sorted(k for k in self.routes.services if visibility.allows(_namespace(k)))
-            if type_url == LISTENER:
-                return [pack(self._service(k).listener(_authority(k))) for k in keys]
-            wanted = [(cluster_name(k), k) for k in keys]
+            named = [(self._wildcard_name(key, type_url), key) for key in sorted(services)]
         elif type_url == LISTENER:
-            out = []
-            for name in sorted(sub.names):
-                key = self._resolve(name)
-                if key is not None and visibility.allows(_namespace(key)):
-                    out.append(pack(self._service(key).listener(name)))
-            return out
+            named = [(name, self._resolve(name)) for name in sorted(sub.names)]
         else:
-            wanted = [
-                (name, ServiceKey(name))
-                for name in sorted(sub.names)
-                if ServiceKey(name) in self.routes.services
-                and visibility.allows(_namespace(ServiceKey(name)))
-            ]
-        if type_url == CLUSTER:
-            return [pack(self._service(k).cluster) for _, k in wanted]
-        assert type_url == ENDPOINTS
-        return [pack(self._service(k).load_assignment) for _, k in wanted]
+            named = [(name, ServiceKey(name)) for name in sorted(sub.names)]
+        out = []
+        for name, key in named:
+            state = services.get(key) if key is not None else None
+            if state is None or not visibility.allows(state.backend_set.namespace):
+                continue
+            xds = self._service(state.key)
+            if type_url == LISTENER:
+                out.append(pack(xds.listener(name)))
+            elif type_url == CLUSTER:
+                out.append(pack(xds.cluster))
+            else:
+                out.append(pack(xds.load_assignment))
+        return out
+
+    def _wildcard_name(self, key: ServiceKey, type_url: str) -> str:
+        """A Service's resource name of ``type_url`` in a wildcard subscription."""
+        if type_url != LISTENER:
+            return cluster_name(key)
+        backend_set = self.routes.services[key].backend_set
+        return f"{backend_set.name}.{backend_set.namespace}"
 
     def _resolve(self, authority: str) -> ServiceKey | None:
         """The Service whose calls ``authority`` reaches: the engine's rule, by authority."""
@@ -358,12 +364,3 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             }
             for s in self._streams
         ]
-
-
-def _namespace(key: ServiceKey) -> str:
-    return key.partition("/")[0]
-
-
-def _authority(key: ServiceKey) -> str:
-    namespace, _, name = key.partition("/")
-    return f"{name}.{namespace}"

@@ -478,3 +478,23 @@ async def test_a_terminating_pod_gets_no_new_calls_from_the_client(
             await put(etcd, scheme, [(a, 1), (b, 1)], terminating=[b])
             await pushed(proxy, "endpoints", 2)
             assert (await client.run(100))["counts"] == {"a": 100}
+
+
+async def test_outlier_detection_ejects_a_pod_that_fails_every_call(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, tmp_path: Path
+) -> None:
+    """Outlier detection is on by default: the client's own (failure percentage over a sweep a
+    second) ejects a pod that fails every call, and its calls go to the others."""
+    async with backends("good", "also-good", "broken") as (good, also, broken):
+        broken.fail_every = 1
+        await put(etcd, scheme, [(good, 1), (also, 1), (broken, 1)])
+        async with (
+            proxy_process(etcd_server.endpoint, scheme, tmp_path, "--xds-namespaces", "*") as proxy,
+            xds_client(proxy.xds, "xds:///shop.default") as client,
+        ):
+            before = await client.run(60)
+            assert sum(before["errors"].values()) >= 10, before
+            await asyncio.sleep(2.5)  # two sweeps
+            after = await client.run(200)
+            assert not after["errors"], after
+            assert set(after["counts"]) == {"good", "also-good"}, after
