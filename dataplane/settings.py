@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from weighbridge.keys import check_namespaces
 from weighbridge.policy import BackendTls
 
 
@@ -198,6 +199,7 @@ class ProxySettings:
                 raise ValueError(f"{name} must be from {minimum} to 2³²-1, not {count}")
         if self.xds_max_streams < 1:
             raise ValueError(f"xDS max streams must be ≥ 1, not {self.xds_max_streams}")
+        check_namespaces("xDS namespaces", self.xds_namespaces)
         if self.xds_namespaces and self.xds_listen is None:
             raise ValueError("--xds-namespaces needs --xds-listen")
         if self.retry_buffer_bytes < 1:

@@ -56,12 +56,13 @@ from dataplane.xds.resources import (
     translate,
 )
 from dataplane.xds.tls import server_credentials
-from weighbridge.keys import ServiceKey
+from weighbridge.keys import ServiceKey, namespace_listed
 from weighbridge.model import BackendSet
 
 log = structlog.get_logger(__name__)
 
 WILDCARD: Final = "*"
+"""The xDS resource name that subscribes to every resource of its type."""
 _CHANGED: Final = "changed"
 
 
@@ -80,12 +81,12 @@ class Visibility:
     """Which namespaces' Services one client may see (the rule of this module's docstring)."""
 
     namespaces: frozenset[str]
-    """Namespaces every client sees; ``*`` for all."""
+    """Namespaces every client sees; ``*`` for all (:func:`weighbridge.keys.check_namespaces`)."""
     own: str | None = None
     """The namespace of the client's certificate's SPIFFE ID, if it presented one."""
 
     def allows(self, namespace: str) -> bool:
-        return WILDCARD in self.namespaces or namespace in self.namespaces or namespace == self.own
+        return namespace_listed(namespace, self.namespaces) or namespace == self.own
 
     @classmethod
     def of(cls, namespaces: frozenset[str], context: grpc.aio.ServicerContext) -> Visibility:  # type: ignore[type-arg]

@@ -77,6 +77,19 @@ def test_xds_namespaces_without_an_xds_server_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
+    ("namespaces", "message"),
+    [
+        (("Shop",), "'Shop' is not a namespace name"),
+        (("*", "shop"), "'\\*' already means every namespace"),
+        (("shop", "shop"), "listed twice"),
+    ],
+)
+def test_xds_namespaces_are_namespace_names(namespaces: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=f"xDS namespaces: .*{message}"):
+        ProxySettings(xds_listen="127.0.0.1:0", xds_namespaces=namespaces)
+
+
+@pytest.mark.parametrize(
     "kw",
     [
         {"threads": 0},
