@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
 
@@ -50,10 +51,17 @@ def log_engine_events(engine: Engine, logger: structlog.typing.FilteringBoundLog
     return len(events)
 
 
-async def follow_engine_events(engine: Engine, *, interval: float = EVENTS_INTERVAL) -> None:
-    """Log the engine's state changes every ``interval`` seconds, until cancelled."""
+async def follow_engine_events(
+    engine: Engine,
+    *,
+    interval: float = EVENTS_INTERVAL,
+    on_events: Callable[[], None] | None = None,
+) -> None:
+    """Log the engine's state changes every ``interval`` seconds, until cancelled; after a
+    batch, call ``on_events`` (the xDS server publishes active health checks' verdicts)."""
     while True:
-        log_engine_events(engine)
+        if log_engine_events(engine) and on_events is not None:
+            on_events()
         await asyncio.sleep(interval)
 
 
@@ -125,7 +133,12 @@ class Proxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.subscription.run(), name="subscription"))
-        self._events = loop.create_task(follow_engine_events(self.engine), name="engine-events")
+        self._events = loop.create_task(
+            follow_engine_events(
+                self.engine, on_events=self.xds.changed if self.xds is not None else None
+            ),
+            name="engine-events",
+        )
         if self.settings.backend_tls_files():
             self._tasks.append(
                 loop.create_task(self._follow_backend_tls_files(), name="backend-tls-files")

@@ -24,11 +24,12 @@ Strategy by strategy (:func:`layout`; docs/xds.md has the table):
   header of ``weighbridge.io/hash`` (none: every call a random draw).
 
 Health: eligible endpoints are HEALTHY; a terminating one DRAINING, one not serving UNHEALTHY
-(clients send neither new calls); weight 0 is left out, as xDS forbids it. Failover: configured
-retries map to the route's retry policy (the statuses gRPC retries on: cancelled,
-deadline-exceeded, internal, resource-exhausted, unavailable; no budget, no per-try timeout);
-outlier detection to gRPC's failure-percentage ejection. Slow start, the panic threshold, zone
-awareness, active health checks, backend TLS and ring_hash's load bound have no xDS field a gRPC
+(clients send neither new calls), and so is one the proxy's active health checks
+(``weighbridge.io/health-check``) find unhealthy; weight 0 is left out, as xDS forbids it.
+Failover: configured retries map to the route's retry policy (the statuses gRPC retries on:
+cancelled, deadline-exceeded, internal, resource-exhausted, unavailable; no budget, no per-try
+timeout); outlier detection to gRPC's failure-percentage ejection. Slow start, the panic
+threshold, zone awareness, backend TLS and ring_hash's load bound have no xDS field a gRPC
 client reads.
 
 Nothing here checks what clients check: a set they refuse (two endpoints at one address, weights
@@ -39,6 +40,7 @@ clients keep the resources they had.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Final
 
@@ -139,9 +141,10 @@ def layout(backend_set: BackendSet) -> str:
     return ONE_LOCALITY if len(weights) <= 1 else LOCALITY_PER_ENDPOINT
 
 
-def translate(backend_set: BackendSet) -> XdsService:
+def translate(backend_set: BackendSet, unhealthy: AbstractSet[str] = frozenset()) -> XdsService:
     """The xDS resources of ``backend_set`` (its failover options read as the proxy reads them;
-    an invalid one, already logged when the set was applied, keeps its default)."""
+    an invalid one, already logged when the set was applied, keeps its default); the endpoints
+    in ``unhealthy`` (HOST:PORT) failed the proxy's active health checks."""
     failover, _ = failover_from_options(backend_set.options)
     key = backend_set.key
     name = cluster_name(key)
@@ -149,7 +152,7 @@ def translate(backend_set: BackendSet) -> XdsService:
         key=key,
         route=_route(name, backend_set, failover),
         cluster=_cluster(name, backend_set, failover),
-        load_assignment=_load_assignment(name, backend_set),
+        load_assignment=_load_assignment(name, backend_set, unhealthy),
     )
 
 
@@ -238,26 +241,35 @@ def outlier_detection(policy: OutlierDetection) -> outlier_detection_pb2.Outlier
     )
 
 
-def health_status(endpoint: Endpoint) -> int:
-    """HEALTHY when it takes new calls; DRAINING when terminating; UNHEALTHY when not serving."""
+def health_status(endpoint: Endpoint, unhealthy: AbstractSet[str] = frozenset()) -> int:
+    """HEALTHY when it takes new calls; DRAINING when terminating; UNHEALTHY when not serving
+    or in ``unhealthy``."""
     if endpoint.eligible:
+        if endpoint.hostport in unhealthy:
+            return int(health_check_pb2.UNHEALTHY)
         return int(health_check_pb2.HEALTHY)
     return int(health_check_pb2.DRAINING if endpoint.terminating else health_check_pb2.UNHEALTHY)
 
 
-def _load_assignment(name: str, backend_set: BackendSet) -> endpoint_pb2.ClusterLoadAssignment:
+def _load_assignment(
+    name: str, backend_set: BackendSet, unhealthy: AbstractSet[str]
+) -> endpoint_pb2.ClusterLoadAssignment:
     strategy = REGISTRY[backend_set.strategy]
     sent = [e for e in backend_set.endpoints if e.weight > 0]
     weights = strategy.weights(sent)
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     if layout(backend_set) == LOCALITY_PER_ENDPOINT:
         for e, w in zip(sent, weights, strict=True):
-            cla.endpoints.append(_locality(e.zone, e.hostport, w, [_lb_endpoint(e, None)]))
+            cla.endpoints.append(
+                _locality(e.zone, e.hostport, w, [_lb_endpoint(e, None, unhealthy)])
+            )
     elif sent:
         endpoint_weights: Sequence[int | None] = (
             weights if strategy.name == "ring_hash" else [None] * len(sent)
         )
-        members = [_lb_endpoint(e, w) for e, w in zip(sent, endpoint_weights, strict=True)]
+        members = [
+            _lb_endpoint(e, w, unhealthy) for e, w in zip(sent, endpoint_weights, strict=True)
+        ]
         cla.endpoints.append(_locality("", "", 1, members))
     return cla
 
@@ -272,7 +284,9 @@ def _locality(
     )
 
 
-def _lb_endpoint(endpoint: Endpoint, weight: int | None) -> ep_pb2.LbEndpoint:
+def _lb_endpoint(
+    endpoint: Endpoint, weight: int | None, unhealthy: AbstractSet[str]
+) -> ep_pb2.LbEndpoint:
     lb = ep_pb2.LbEndpoint(
         endpoint=ep_pb2.Endpoint(
             address=address_pb2.Address(
@@ -282,7 +296,7 @@ def _lb_endpoint(endpoint: Endpoint, weight: int | None) -> ep_pb2.LbEndpoint:
             ),
             hostname=endpoint.pod,
         ),
-        health_status=health_status(endpoint),
+        health_status=health_status(endpoint, unhealthy),
     )
     if weight is not None:
         lb.load_balancing_weight.value = weight

@@ -41,7 +41,7 @@ import structlog
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from dataplane.engine import NoRouteError
+from dataplane.engine import UNHEALTHY, NoRouteError
 from dataplane.routing import Routes
 from dataplane.settings import ProxySettings
 from dataplane.subscription import Subscription
@@ -151,7 +151,10 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self.refused = 0
         """Streams refused at ``max_streams``."""
         self._streams: set[_Stream] = set()
-        self._cache: dict[ServiceKey, tuple[BackendSet, XdsService]] = {}
+        self._cache: dict[ServiceKey, tuple[BackendSet, frozenset[str], XdsService]] = {}
+        self._unhealthy: dict[ServiceKey, frozenset[str]] = {}
+        """Per Service, the endpoints its active health checks find unhealthy, read from the
+        engine once after each change."""
 
     async def serve(self, listen: str, settings: ProxySettings) -> tuple[grpc.aio.Server, int]:
         """A started gRPC server of this service alone on ``listen``, with the client port's
@@ -171,7 +174,9 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         return len(self._streams)
 
     def changed(self) -> None:
-        """The applied sets changed: every stream compares and pushes when it next runs."""
+        """The applied sets, or the engine's view of their endpoints, changed: every stream
+        compares and pushes when it next runs."""
+        self._unhealthy.clear()
         for gone in self._cache.keys() - self.routes.services.keys():
             del self._cache[gone]
         for stream in self._streams:
@@ -338,13 +343,18 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         return key if matched_by == "authority" and key in self.routes.services else None
 
     def _service(self, key: ServiceKey) -> XdsService:
-        """The resources of an applied set, translated once per set."""
+        """The resources of an applied set, translated once per set and health verdicts."""
         backend_set = self.routes.services[key].backend_set
+        unhealthy = self._unhealthy.get(key)
+        if unhealthy is None:
+            unhealthy = self._unhealthy[key] = frozenset(
+                s.hostport for s in self.routes.engine.stats(key) if s.state == UNHEALTHY
+            )
         cached = self._cache.get(key)
-        if cached is None or cached[0] is not backend_set:
-            cached = (backend_set, translate(backend_set))
+        if cached is None or cached[0] is not backend_set or cached[1] != unhealthy:
+            cached = (backend_set, unhealthy, translate(backend_set, unhealthy))
             self._cache[key] = cached
-        return cached[1]
+        return cached[2]
 
     def snapshot(self) -> list[dict[str, object]]:
         """Each stream's node, peer and per-type state (for logs and tests)."""

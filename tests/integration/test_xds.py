@@ -22,13 +22,25 @@ from typing import Any
 import aetcd
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from devtools import testenv
 from tests.integration.conftest import eventually
 from weighbridge import etcd as store
 from weighbridge.keys import KeyScheme
 from weighbridge.model import BackendSet, Endpoint
-from weighbridge.policy import HASH, RETRY, HashKey, RetryPolicy, format_hash, format_retry
+from weighbridge.policy import (
+    HASH,
+    HEALTH_CHECK,
+    RETRY,
+    HashKey,
+    HealthCheck,
+    RetryPolicy,
+    format_hash,
+    format_health_check,
+    format_retry,
+)
 
 pytestmark = pytest.mark.integration
 CLIENT = Path(__file__).with_name("xds_client.py")
@@ -45,6 +57,8 @@ class Backend:
     server: Any = None
     fail_every: int = 0
     """When > 0, every fail_every-th call fails UNAVAILABLE."""
+    health: Any = None
+    """A grpc.health.v1 servicer to serve too (tests set its status)."""
 
     async def start(self) -> None:
         async def who(request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
@@ -61,13 +75,16 @@ class Backend:
                 ),
             )
         )
+        if self.health is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
 
 
 @contextlib.asynccontextmanager
-async def backends(*names: str) -> AsyncIterator[list[Backend]]:
-    started = [Backend(n) for n in names]
+async def backends(*members: str | Backend) -> AsyncIterator[list[Backend]]:
+    """Started backends: by name, or as given."""
+    started = [Backend(m) if isinstance(m, str) else m for m in members]
     for b in started:
         await b.start()
     try:
@@ -498,3 +515,38 @@ async def test_outlier_detection_ejects_a_pod_that_fails_every_call(
             after = await client.run(200)
             assert not after["errors"], after
             assert set(after["counts"]) == {"good", "also-good"}, after
+
+
+async def test_the_proxys_active_health_checks_reach_the_client(
+    etcd: aetcd.Client, scheme: KeyScheme, etcd_server: testenv.Etcd, tmp_path: Path
+) -> None:
+    """``weighbridge.io/health-check``: a pod whose health service says NOT_SERVING is
+    published UNHEALTHY and gets none of the client's calls; SERVING again, it gets them."""
+    checks = {
+        HEALTH_CHECK: format_health_check(
+            HealthCheck(interval_ms=200, timeout_ms=100, unhealthy_threshold=1, healthy_threshold=1)
+        )
+    }
+    a_health, b_health = health_aio.HealthServicer(), health_aio.HealthServicer()
+    await a_health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await b_health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    async with backends(Backend("a", health=a_health), Backend("b", health=b_health)) as (a, b):
+        await put(etcd, scheme, [(a, 1), (b, 1)], options=checks)
+        async with (
+            proxy_process(etcd_server.endpoint, scheme, tmp_path, "--xds-namespaces", "*") as proxy,
+            xds_client(proxy.xds, "xds:///shop.default") as client,
+        ):
+            await eventually(
+                lambda: asyncio.to_thread(
+                    proxy.metric,
+                    "weighbridge_proxy_endpoints",
+                    service="default/shop",
+                    state="unhealthy",
+                ),
+                lambda n: n == 1,
+                what="b found unhealthy by the proxy",
+            )
+            await asyncio.sleep(0.8)  # the engine's events are read every 0.5 s
+            assert (await client.run(100)) == {"counts": {"a": 100}, "errors": {}}
+            await b_health.set("", health_pb2.HealthCheckResponse.SERVING)
+            assert (await client.ask("until b"))["at"] is not None

@@ -141,6 +141,15 @@ def test_health_draining_unhealthy_and_weight_0_left_out() -> None:
     assert all(loc.load_balancing_weight.value > 0 for loc in cla.endpoints)
 
 
+def test_an_endpoint_the_proxys_health_checks_find_unhealthy_is_unhealthy() -> None:
+    s = a_set("weighted_random", 2, 1)
+    cla = translate(s, unhealthy=frozenset({"10.0.0.2:50051"})).load_assignment
+    assert [loc.lb_endpoints[0].health_status for loc in cla.endpoints] == [
+        health_check_pb2.HEALTHY,
+        health_check_pb2.UNHEALTHY,
+    ]
+
+
 def test_an_empty_set_has_no_endpoints() -> None:
     assert not translate(a_set("round_robin")).load_assignment.endpoints
 

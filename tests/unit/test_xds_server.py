@@ -11,6 +11,8 @@ from typing import Any
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
@@ -19,7 +21,7 @@ from dataplane.routing import Routes
 from dataplane.settings import ProxySettings
 from dataplane.xds.resources import CLUSTER, ENDPOINTS, LISTENER
 from dataplane.xds.server import Visibility, XdsServer, spiffe_namespace
-from tests.unit.fakeengine import FakeEngine
+from tests.unit.fakeengine import FakeEngine, stats_row
 from weighbridge.keys import ServiceKey
 from weighbridge.model import BackendSet, Endpoint
 
@@ -135,8 +137,6 @@ def names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
     for r in response.resources:
         kind = {LISTENER: listener_pb2.Listener, CLUSTER: cluster_pb2.Cluster}.get(r.type_url)
         if kind is None:
-            from envoy.config.endpoint.v3 import endpoint_pb2
-
             m: Any = endpoint_pb2.ClusterLoadAssignment()
             r.Unpack(m)
             out.append(m.cluster_name)
@@ -208,6 +208,28 @@ async def test_a_nack_is_counted_and_recorded_and_the_next_change_still_pushed()
         assert state["types"]["endpoints"]["error"] == "bad weights"  # type: ignore[index]
         proxy.apply("shop", "cart", 3)
         assert names(await s.receive()) == ["shop/cart"]
+
+
+async def test_a_health_verdict_of_the_proxy_is_pushed_as_unhealthy() -> None:
+    proxy = Proxy()
+    proxy.apply("shop", "cart", 1, 2)
+    proxy.sub.listed.set()
+    async with serving(proxy) as port, stream(port) as s:
+        s.send(ENDPOINTS, ["shop/cart"], node="n1")
+        first = await s.receive()
+        s.send(ENDPOINTS, ["shop/cart"], ack=first)
+        proxy.routes.engine.rows = [stats_row("shop/cart", "10.0.0.1:2", state="unhealthy")]  # type: ignore[attr-defined]
+        proxy.xds.changed()  # as the proxy does after the engine's state events
+        pushed = await s.receive()
+        cla = endpoint_pb2.ClusterLoadAssignment()
+        assert pushed.resources[0].Unpack(cla)
+        statuses = {
+            lb.endpoint.address.socket_address.port_value: lb.health_status
+            for lb in cla.endpoints[0].lb_endpoints
+        }
+        assert statuses == {1: health_check_pb2.HEALTHY, 2: health_check_pb2.UNHEALTHY}
+        proxy.xds.changed()  # nothing new: nothing sent
+        assert await s.quiet()
 
 
 async def test_new_names_are_answered_with_every_subscribed_resource() -> None:
