@@ -32,9 +32,9 @@ timeout); outlier detection to gRPC's failure-percentage ejection. Slow start, t
 threshold, zone awareness, backend TLS and ring_hash's load bound have no xDS field a gRPC
 client reads.
 
-Nothing here checks what clients check: a set they refuse (two endpoints at one address, weights
-summing past 2³²-1) is sent as it is, refused (NACK), logged and counted by the server, and
-clients keep the resources they had.
+Nothing here checks what clients check: a set they refuse (two endpoints at one address, which
+only a hand-written set has) is sent as it is, refused (NACK), logged and counted by the server,
+and clients keep the resources they had.
 """
 
 from __future__ import annotations
