@@ -5,6 +5,9 @@ the same load generator (bench/go/loadgen, grpc-go, raw bytes, 64-byte unary cal
 connections to every proxy):
 
     direct          the load generator calls both backends itself (the limit)
+    xds             the load generator built with grpc-go's xDS client (loadgen-xds) dials
+                    xds:///echo.default and calls both backends itself, told where they are
+                    by a Weighbridge proxy's xDS server (--xds-listen; it carries no call)
     weighbridge-1t  weighbridge-proxy --threads 1
     weighbridge-2t  weighbridge-proxy --threads 2
     before-1        with --baseline REV only: REV's weighbridge-proxy on one engine thread
@@ -88,7 +91,7 @@ CONNECTIONS = 8
 for every thread or worker of a proxy to get some, since the kernel hands each accepted
 connection to one of them and a connection stays where it landed."""
 
-OTHERS = frozenset({"direct", "nginx", "haproxy", "nginx-tls", "haproxy-tls"})
+OTHERS = frozenset({"direct", "xds", "nginx", "haproxy", "nginx-tls", "haproxy-tls"})
 """The targets that are not Weighbridge."""
 
 TLS_TARGETS = frozenset({"weighbridge-1t-tls", "nginx-tls", "haproxy-tls"})
@@ -98,9 +101,10 @@ TLS_TARGETS = frozenset({"weighbridge-1t-tls", "nginx-tls", "haproxy-tls"})
 @dataclass
 class Target:
     name: str
-    port: int | None  # None: direct
+    port: int | None  # None: the load generator calls the backends (direct, xds)
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int | None = None  # a Weighbridge proxy's /metrics
+    xds_port: int | None = None  # the load generator's xDS server (target xds)
     runs: list[dict[str, float]] = field(default_factory=list)
     threads: list[dict[str, float]] = field(default_factory=list)  # per round, per thread
     rss_before: float = 0.0
@@ -166,6 +170,12 @@ def environment(
         put_set(etcd.endpoint, backends)
         targets = [Target("direct", None)] if "direct" in others else []
         log = (work / "proxies.log").open("wb")
+        if "xds" in others:
+            xds, metrics = testenv.free_port(), testenv.free_port()
+            flags = ["--threads", "1", "--xds-listen", f"127.0.0.1:{xds}"]
+            spec = ProxySpec("xds", [*flags, "--xds-namespaces", "default"])
+            proc = start_weighbridge(spec, etcd.endpoint, testenv.free_port(), metrics, log)
+            targets.append(Target("xds", None, proc, metrics_port=metrics, xds_port=xds))
         for spec in specs:
             port, metrics = testenv.free_port(), testenv.free_port()
             proc = start_weighbridge(spec, etcd.endpoint, port, metrics, log)
@@ -206,18 +216,21 @@ def loadgen(
     **mode: float,
 ) -> dict[str, float]:
     """One loadgen run; adds ``cpu_s``, the load generator's own CPU seconds."""
-    if target.port is None:
+    env = None
+    if target.xds_port is not None:  # as many connections to each backend as direct
+        targets, per_target = f"xds:///{AUTHORITY}", max(connections // len(backends), 1)
+        env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": xds_bootstrap(target.xds_port)}
+    elif target.port is None:
         targets = ",".join(f"127.0.0.1:{b}" for b in backends)
         per_target = max(connections // len(backends), 1)
     else:
         targets, per_target = f"127.0.0.1:{target.port}", connections
     tls = target.tls
     args = [
-        str(bins / "loadgen"),
+        str(bins / ("loadgen" if env is None else "loadgen-xds")),
         "-targets",
         targets,
-        "-authority",
-        AUTHORITY,
+        *(["-authority", AUTHORITY] if env is None else []),
         "-duration",
         f"{seconds}s",
         "-connections",
@@ -227,7 +240,7 @@ def loadgen(
     for k, v in mode.items():
         args += [f"-{k}", str(v)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen against {target.name} failed: {out.stderr.strip()}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -236,6 +249,16 @@ def loadgen(
     result: dict[str, float] = raw
     result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return result
+
+
+def xds_bootstrap(port: int) -> str:
+    """A gRPC xDS bootstrap naming the xDS server on loopback ``port`` (docs/xds.md)."""
+    server = {
+        "server_uri": f"127.0.0.1:{port}",
+        "channel_creds": [{"type": "insecure"}],
+        "server_features": ["xds_v3", "ignore_resource_deletion"],
+    }
+    return json.dumps({"xds_servers": [server], "node": {"id": "bench-loadgen"}})
 
 
 def engine_threads(pid: int) -> dict[str, float]:
@@ -377,7 +400,7 @@ def measure(
     *,
     tls: bool = False,
 ) -> dict[str, dict[str, object]]:
-    bins = build_go()
+    bins = build_go(xds=only is None or "xds" in only)
     with (
         tempfile.TemporaryDirectory(prefix="wb-compare-") as tmp,
         environment(Path(tmp), bins, *selection(Path(tmp), baseline, only, tls)) as env,
@@ -412,6 +435,7 @@ def measure(
                 )
             if r == 0:  # the fixed rate: half of HAProxy's throughput (else the best proxy's)
                 by_name = {t.name: t.runs[0]["rps"] for t in targets if t.port is not None}
+                by_name = by_name or {t.name: t.runs[0]["rps"] for t in targets}  # no proxy
                 rate = by_name.get("haproxy", by_name.get("haproxy-tls", max(by_name.values())))
                 rate /= 2
             for t in targets:
@@ -455,7 +479,7 @@ def measure(
         if t.tls is not None:
             med["tls_loadgen"] = "; ".join(t.negotiated)
             med["tls_s_client"] = t.s_client
-        if t.port is None:
+        if t.proc is None:
             med["cpu_us_per_request"] = 0.0  # no proxy process
         results[t.name] = med
     return results

@@ -80,15 +80,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("WEIGHBRIDGE_CACHE", Path.home() / ".cache/weighbridge"))
 
 
-def build_go() -> Path:
-    """The directory of the built Go tools (echo, loadgen); go build skips what is current."""
+def build_go(*, xds: bool = False) -> Path:
+    """The directory of the built Go tools (echo, loadgen; with ``xds``, loadgen-xds too: the
+    load generator built with grpc-go's xDS client, which takes a while to compile once); go
+    build skips what is current."""
     out = cache_dir() / "bench"
-    subprocess.run(
-        ["go", "build", "-o", str(out) + "/", "./..."],
-        cwd=ROOT / "bench" / "go",
-        check=True,
-        env={**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"},
-    )
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}
+    go = ROOT / "bench" / "go"
+    subprocess.run(["go", "build", "-o", str(out) + "/", "./..."], cwd=go, check=True, env=env)
+    if xds:
+        subprocess.run(
+            ["go", "build", "-tags", "xds", "-o", str(out / "loadgen-xds"), "./loadgen"],
+            cwd=go,
+            check=True,
+            env=env,
+        )
     return out
 
 

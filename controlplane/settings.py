@@ -9,17 +9,14 @@ so a default is never written twice.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Literal
+
+from weighbridge.keys import ALL_NAMESPACES, check_namespaces, namespace_listed
 
 Source = Literal["endpointslices", "endpoints"]
 """Where a Service's endpoints come from."""
 
-ALL_NAMESPACES = "*"
-"""In :attr:`ControllerSettings.grpc_service_namespaces`: every namespace."""
-
-_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 MIN_LEASE_TTL = 2
 """etcd grants no lease shorter than 1.5 election timeouts (2 s with its defaults) and
@@ -74,24 +71,11 @@ class ControllerSettings:
             raise ValueError(f"resync interval must be > 0 s, not {self.resync_interval}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
-        namespaces = self.grpc_service_namespaces
-        if ALL_NAMESPACES in namespaces and len(namespaces) > 1:
-            raise ValueError(
-                f"gRPC service namespaces: '*' already means every namespace; "
-                f"list either '*' or namespaces, not both ({', '.join(namespaces)})"
-            )
-        for ns in namespaces:
-            if ns != ALL_NAMESPACES and not _NAMESPACE.fullmatch(ns):
-                raise ValueError(f"gRPC service namespaces: {ns!r} is not a namespace name")
-        if len(set(namespaces)) != len(namespaces):
-            raise ValueError(
-                f"gRPC service namespaces: a namespace is listed twice ({', '.join(namespaces)})"
-            )
+        check_namespaces("gRPC service namespaces", self.grpc_service_namespaces)
 
     def routes_names_in(self, namespace: str) -> bool:
         """Whether Services in ``namespace`` may route by gRPC service name."""
-        namespaces = self.grpc_service_namespaces
-        return ALL_NAMESPACES in namespaces or namespace in namespaces
+        return namespace_listed(namespace, self.grpc_service_namespaces)
 
 
 DEFAULTS = ControllerSettings()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
 
@@ -23,10 +24,12 @@ from dataplane.metrics import ProxyCollector
 from dataplane.routing import Routes
 from dataplane.settings import ProxySettings
 from dataplane.subscription import StatusPublisher, Subscription
+from dataplane.xds.server import XdsServer
 from weighbridge.cli import split_hostport
 from weighbridge.errors import EtcdUnavailableError
 from weighbridge.etcd import count_proxy_zones
-from weighbridge.keys import KeyScheme
+from weighbridge.keys import KeyScheme, ServiceKey
+from weighbridge.model import BackendSet
 from weighbridge.v1 import admin_pb2, admin_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -48,10 +51,17 @@ def log_engine_events(engine: Engine, logger: structlog.typing.FilteringBoundLog
     return len(events)
 
 
-async def follow_engine_events(engine: Engine, *, interval: float = EVENTS_INTERVAL) -> None:
-    """Log the engine's state changes every ``interval`` seconds, until cancelled."""
+async def follow_engine_events(
+    engine: Engine,
+    *,
+    interval: float = EVENTS_INTERVAL,
+    on_events: Callable[[], None] | None = None,
+) -> None:
+    """Log the engine's state changes every ``interval`` seconds, until cancelled; after a
+    batch, call ``on_events`` (the xDS server publishes active health checks' verdicts)."""
     while True:
-        log_engine_events(engine)
+        if log_engine_events(engine) and on_events is not None:
+            on_events()
         await asyncio.sleep(interval)
 
 
@@ -89,7 +99,17 @@ class Proxy:
             self.port: int = sock.getsockname()[1]
             self.engine: Engine = NativeEngine(sock, settings, seed=seed)
         self.routes = Routes(self.engine)
-        self.subscription = Subscription(etcd, scheme, self.routes.apply)
+        self.subscription = Subscription(etcd, scheme, self._apply)
+        self.xds: XdsServer | None = None
+        if settings.xds_listen:
+            self.xds = XdsServer(
+                self.routes,
+                self.subscription,
+                namespaces=settings.xds_namespaces,
+                max_streams=settings.xds_max_streams,
+            )
+        self.xds_port = 0
+        self._xds_server: grpc.aio.Server | None = None
         self.admin_port = 0
         self.health_port = 0
         self.metrics_port = 0
@@ -103,10 +123,22 @@ class Proxy:
         """Live proxies per zone at the last count (empty: not counted; this proxy's zone is
         unknown)."""
 
+    def _apply(self, key: ServiceKey, backend_set: BackendSet | None, mod_revision: int) -> bool:
+        """One change to the engine, then to the xDS streams (which push when they next run)."""
+        applied = self.routes.apply(key, backend_set, mod_revision)
+        if applied and self.xds is not None:
+            self.xds.changed()
+        return applied
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.subscription.run(), name="subscription"))
-        self._events = loop.create_task(follow_engine_events(self.engine), name="engine-events")
+        self._events = loop.create_task(
+            follow_engine_events(
+                self.engine, on_events=self.xds.changed if self.xds is not None else None
+            ),
+            name="engine-events",
+        )
         if self.settings.backend_tls_files():
             self._tasks.append(
                 loop.create_task(self._follow_backend_tls_files(), name="backend-tls-files")
@@ -129,10 +161,12 @@ class Proxy:
             await self._start_admin(self.settings.admin_listen)
         if self.settings.health_listen:
             await self._start_health(self.settings.health_listen)
+        if self.xds is not None and self.settings.xds_listen:
+            await self._start_xds(self.xds, self.settings.xds_listen)
         if self.settings.metrics_listen:
             registry = CollectorRegistry(auto_describe=False)
             registry.register(
-                ProxyCollector(self.engine, self.routes, self.subscription, loop=loop)
+                ProxyCollector(self.engine, self.routes, self.subscription, loop=loop, xds=self.xds)
             )
             host, port = split_hostport(self.settings.metrics_listen)
             server, thread = start_http_server(port, addr=host, registry=registry)
@@ -150,6 +184,7 @@ class Proxy:
             admin=self.admin_port,
             health=self.health_port,
             metrics=self.metrics_port,
+            xds=self.xds_port,
             threads=self.engine.threads,
             max_connection_age=self.settings.max_connection_age,
         )
@@ -175,6 +210,10 @@ class Proxy:
         self.health_port = server.add_insecure_port(listen)
         await server.start()
         self._health_server = server
+
+    async def _start_xds(self, xds: XdsServer, listen: str) -> None:
+        """The aggregated discovery service alone, with the client port's TLS settings."""
+        self._xds_server, self.xds_port = await xds.serve(listen, self.settings)
 
     async def _follow_backend_tls_files(self) -> None:
         """Mounted Secrets change by a symlink swap: read the backend TLS files now and then,
@@ -236,7 +275,7 @@ class Proxy:
                 log.error("task_failed", task=t.get_name(), error=repr(t.exception()))
         if stuck:
             log.warning("tasks_did_not_stop", tasks=sorted(t.get_name() for t in stuck))
-        for grpc_server in (self._admin, self._health_server):
+        for grpc_server in (self._admin, self._health_server, self._xds_server):
             if grpc_server is not None:
                 await grpc_server.stop(grace=1)
         if self._metrics is not None:

@@ -42,7 +42,8 @@ calls into them and metrics publish them."""
 
 HEALTHY: Final = "healthy"
 DRAINING: Final = "draining"
-ENDPOINT_STATES: Final = (HEALTHY, "connect_failing", "ejected", "unhealthy", DRAINING)
+UNHEALTHY: Final = "unhealthy"
+ENDPOINT_STATES: Final = (HEALTHY, "connect_failing", "ejected", UNHEALTHY, DRAINING)
 """What an endpoint of a Service is doing. The engine reports the first four for the endpoints
 it may pick (``connect_failing``: its connections fail; ``ejected``: outlier detection took it
 out for a while; ``unhealthy``: it fails active health checks); ``draining`` is Python's, for

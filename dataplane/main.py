@@ -238,6 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often the proxies are counted per zone, for zone-aware routing (%(default)s)",
     )
     p.add_argument(
+        "--xds-listen",
+        default=d.xds_listen,
+        metavar="HOST:PORT",
+        help="serve xDS (ADS) for proxyless gRPC clients here, with the client port's TLS "
+        "settings (default: off; docs/xds.md)",
+    )
+    p.add_argument(
+        "--xds-namespaces",
+        default=",".join(d.xds_namespaces),
+        metavar="LIST",
+        help="namespaces whose Services every xDS client may see, comma-separated; '*' all "
+        "(default: none; an mTLS client also sees its SPIFFE ID's namespace)",
+    )
+    p.add_argument(
+        "--xds-max-streams",
+        type=positive_int,
+        default=d.xds_max_streams,
+        help="xDS streams open at once; beyond, new ones are refused (%(default)s)",
+    )
+    p.add_argument(
         "--id",
         default=os.environ.get("POD_NAME") or socket.gethostname(),
         help="proxy identity in its etcd status key (default: $POD_NAME or host name)",
@@ -298,6 +318,9 @@ def settings_of(args: argparse.Namespace) -> ProxySettings:
         zone=args.zone,
         node=args.node,
         proxy_zones_refresh_s=args.proxy_zones_refresh,
+        xds_listen=args.xds_listen or None,
+        xds_namespaces=tuple(n.strip() for n in args.xds_namespaces.split(",") if n.strip()),
+        xds_max_streams=args.xds_max_streams,
     )
 
 

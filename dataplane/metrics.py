@@ -14,6 +14,8 @@ from dataplane.engine import ENDPOINT_STATES, LATENCY_BOUNDS, BackendStats, Engi
 from dataplane.health import in_sync
 from dataplane.routing import APPLY_FAILURE_REASONS, Routes, endpoint_state
 from dataplane.subscription import Subscription
+from dataplane.xds.resources import TYPES
+from dataplane.xds.server import XdsServer
 
 Family = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
 
@@ -42,8 +44,10 @@ class ProxyCollector(Collector):
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         timeout: float = COLLECT_TIMEOUT,
+        xds: XdsServer | None = None,
     ) -> None:
         self.engine = engine
+        self.xds = xds
         self.routes = routes
         self.subscription = subscription
         self.loop = loop
@@ -73,6 +77,7 @@ class ProxyCollector(Collector):
             *self._failover(),
             *self._engine(),
             *self._subscription(),
+            *self._xds(),
         ]
 
     def _backends(self, stats: list[BackendStats]) -> Iterator[Family]:
@@ -297,6 +302,36 @@ class ProxyCollector(Collector):
         )
         crashes.add_metric([], sub.failures)
         yield crashes
+
+    def _xds(self) -> Iterator[Family]:
+        """The xDS server's, when it is on (--xds-listen)."""
+        if self.xds is None:
+            return
+        yield GaugeMetricFamily(
+            "weighbridge_proxy_xds_streams",
+            "xDS streams open (one per proxyless gRPC client process).",
+            value=self.xds.streams,
+        )
+        refused = CounterMetricFamily(
+            "weighbridge_proxy_xds_streams_refused",
+            "xDS streams refused at --xds-max-streams.",
+        )
+        refused.add_metric([], self.xds.refused)
+        responses = CounterMetricFamily(
+            "weighbridge_proxy_xds_responses",
+            "xDS responses sent, by resource type (listener, cluster, endpoints, route).",
+            labels=["type"],
+        )
+        nacks = CounterMetricFamily(
+            "weighbridge_proxy_xds_nacks",
+            "xDS responses a client rejected (NACK; it keeps what it had), by resource type; "
+            "the log line xds_nack names the client and its reason.",
+            labels=["type"],
+        )
+        for kind in TYPES.values():
+            responses.add_metric([kind], self.xds.responses[kind])
+            nacks.add_metric([kind], self.xds.nacks[kind])
+        yield from (refused, responses, nacks)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from weighbridge.keys import check_namespaces
 from weighbridge.policy import BackendTls
 
 
@@ -142,6 +143,18 @@ class ProxySettings:
     eager_connections: bool = True
     """Connect to endpoints when they appear, so first calls pay no connection set-up; off
     (``--lazy-connect``) for very large sets that mostly idle."""
+    xds_listen: str | None = None
+    """The xDS server for proxyless gRPC clients (docs/xds.md); None: off, as it publishes
+    endpoint addresses and only clusters that use it should open it. With ``tls_cert`` it
+    serves TLS with the client port's certificate (and with ``tls_client_ca``, mTLS)."""
+    xds_namespaces: tuple[str, ...] = ()
+    """Namespaces whose Services every xDS client may see (``*``: all). Empty: none, so that
+    without mTLS nothing is published until an operator says to whom; with mTLS a client also
+    sees the namespace of its certificate's SPIFFE ID (``spiffe://…/ns/NAMESPACE/…``)."""
+    xds_max_streams: int = 1000
+    """xDS streams open at once; beyond, a new one is refused (RESOURCE_EXHAUSTED, counted).
+    A gRPC client holds one per xDS server (its XdsClient is per process), so 1000 covers a
+    thousand client processes per proxy; each stream holds its subscriptions' resources."""
     publish_status: bool = True
     """Publish the lease-bound status key <prefix>proxies/<id>, for ``wbctl proxies``."""
 
@@ -184,6 +197,11 @@ class ProxySettings:
         ):
             if not minimum <= count < 2**32:
                 raise ValueError(f"{name} must be from {minimum} to 2³²-1, not {count}")
+        if self.xds_max_streams < 1:
+            raise ValueError(f"xDS max streams must be ≥ 1, not {self.xds_max_streams}")
+        check_namespaces("xDS namespaces", self.xds_namespaces)
+        if self.xds_namespaces and self.xds_listen is None:
+            raise ValueError("--xds-namespaces needs --xds-listen")
         if self.retry_buffer_bytes < 1:
             raise ValueError(f"retry buffer bytes must be ≥ 1, not {self.retry_buffer_bytes}")
         if self.max_message_bytes < 1:
@@ -245,6 +263,14 @@ class ProxySettings:
             except OSError:
                 out.append((str(path), None))
         return tuple(out)
+
+    def tls_files(self) -> tuple[bytes, bytes, bytes | None] | None:
+        """The client port's certificate chain, key and client CA bundle as they are now (the
+        xDS port serves the same); None without TLS. Blocking; raises OSError."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        ca = Path(self.tls_client_ca).read_bytes() if self.tls_client_ca else None
+        return Path(self.tls_cert).read_bytes(), Path(self.tls_key).read_bytes(), ca
 
     @property
     def engine_tls(self) -> tuple[str, str, str, list[str], bool, float] | None:

@@ -10,6 +10,7 @@ Everything lives under one prefix (default ``/weighbridge/v1/``)::
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NewType
 
@@ -30,6 +31,31 @@ def service_key(namespace: str, name: str) -> ServiceKey:
     if not _NAME.match(name):
         raise ValueError(f"invalid Service name {name!r}: must be a DNS-1035 label")
     return ServiceKey(f"{namespace}/{name}")
+
+
+ALL_NAMESPACES = "*"
+"""In a list of namespaces (the controller's ``--grpc-service-namespaces``, the proxy's
+``--xds-namespaces``): every namespace."""
+
+
+def check_namespaces(what: str, namespaces: Sequence[str]) -> None:
+    """Refuse a list of namespaces that is not namespace names, or ``*`` alone, each once;
+    the ValueError names ``what`` the list is for."""
+    if ALL_NAMESPACES in namespaces and len(namespaces) > 1:
+        raise ValueError(
+            f"{what}: '*' already means every namespace; "
+            f"list either '*' or namespaces, not both ({', '.join(namespaces)})"
+        )
+    for ns in namespaces:
+        if ns != ALL_NAMESPACES and not _NAMESPACE.match(ns):
+            raise ValueError(f"{what}: {ns!r} is not a namespace name")
+    if len(set(namespaces)) != len(namespaces):
+        raise ValueError(f"{what}: a namespace is listed twice ({', '.join(namespaces)})")
+
+
+def namespace_listed(namespace: str, namespaces: Collection[str]) -> bool:
+    """Whether ``namespaces`` (checked by :func:`check_namespaces`) includes ``namespace``."""
+    return ALL_NAMESPACES in namespaces or namespace in namespaces
 
 
 def parse_service_key(text: str) -> ServiceKey:

@@ -66,6 +66,12 @@ VARIANTS: dict[str, list[str]] = {
         "proxy.tls.allowedIdentities={spiffe://cluster.local/ns/shop/sa/api,api.shop}",
         "proxy.tls.allowH2C=true",
     ],
+    "proxy-xds": [
+        "proxy.xds.enabled=true",
+        "proxy.xds.namespaces={shop,default}",
+        "proxy.xds.maxStreams=50",
+        "networkPolicy.xdsFrom[0].namespaceSelector.matchLabels.team=shop",
+    ],
     "servicemonitor-endpoints-source": [
         "serviceMonitor.enabled=true",
         "controller.source=endpoints",
@@ -746,6 +752,39 @@ def test_etcd_tls_wires_every_component_with_its_own_certificate(
         pod = d.get("spec", {}).get("template", {}).get("spec", {})
         for c in pod.get("containers", []) + pod.get("initContainers", []):
             assert all("subPath" not in m for m in c.get("volumeMounts", [])), d["metadata"]["name"]
+
+
+def test_xds_values_become_flags_a_service_port_and_a_network_policy(helm: Path) -> None:
+    """Off by default (no flag, port or policy); on, the proxy serves xDS on proxy.xds.port,
+    published as the proxy Service's port ``xds`` and admitted from networkPolicy.xdsFrom."""
+    docs = render(helm, "default", [])
+    assert not {f for f in flag_names(args_of(docs, "proxy")) if f.startswith("--xds")}
+    assert [p["name"] for p in one(docs, "Service", "wb-weighbridge-proxy")["spec"]["ports"]] == [
+        "grpc"
+    ]
+
+    docs = render(helm, "default", VARIANTS["proxy-xds"])
+    settings = proxy_settings_of(proxy_parser().parse_args(args_of(docs, "proxy")))
+    assert settings.xds_listen == "0.0.0.0:18000"
+    assert settings.xds_namespaces == ("shop", "default")
+    assert settings.xds_max_streams == 50
+    pod = one(docs, "Deployment", "wb-weighbridge-proxy")["spec"]["template"]["spec"]
+    assert {"name": "xds", "containerPort": 18000, "protocol": "TCP"} in pod["containers"][0][
+        "ports"
+    ]
+    service = one(docs, "Service", "wb-weighbridge-proxy")
+    assert service["spec"]["ports"][1] == {
+        "name": "xds",
+        "port": 18000,
+        "targetPort": "xds",
+        "protocol": "TCP",
+        "appProtocol": "kubernetes.io/h2c",
+    }
+    policy = one(docs, "NetworkPolicy", "wb-weighbridge-proxy")["spec"]
+    assert policy["ingress"][1] == {
+        "ports": [{"port": 18000, "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {"matchLabels": {"team": "shop"}}}],
+    }
 
 
 def test_proxy_tls_values_become_the_proxy_flags(helm: Path) -> None:

@@ -50,6 +50,45 @@ def test_backend_connection_flags_become_settings() -> None:
     ) == (0.5, 0.0, 1.5, 1024)
 
 
+def test_xds_flags_become_settings_and_the_server_is_off_by_default() -> None:
+    assert DEFAULTS.xds_listen is None and DEFAULTS.xds_namespaces == ()
+    s = settings_of(
+        build_parser().parse_args(
+            [
+                "--xds-listen",
+                "0.0.0.0:18000",
+                "--xds-namespaces",
+                "shop, default",
+                "--xds-max-streams",
+                "9",
+            ]
+        )
+    )
+    assert (s.xds_listen, s.xds_namespaces, s.xds_max_streams) == (
+        "0.0.0.0:18000",
+        ("shop", "default"),
+        9,
+    )
+
+
+def test_xds_namespaces_without_an_xds_server_are_refused() -> None:
+    with pytest.raises(ValueError, match="--xds-namespaces needs --xds-listen"):
+        ProxySettings(xds_namespaces=("shop",))
+
+
+@pytest.mark.parametrize(
+    ("namespaces", "message"),
+    [
+        (("Shop",), "'Shop' is not a namespace name"),
+        (("*", "shop"), "'\\*' already means every namespace"),
+        (("shop", "shop"), "listed twice"),
+    ],
+)
+def test_xds_namespaces_are_namespace_names(namespaces: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=f"xDS namespaces: .*{message}"):
+        ProxySettings(xds_listen="127.0.0.1:0", xds_namespaces=namespaces)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -63,6 +102,7 @@ def test_backend_connection_flags_become_settings() -> None:
         {"keepalive_time_s": float("nan")},
         {"keepalive_timeout_s": 0.0},
         {"retry_buffer_bytes": 0},
+        {"xds_max_streams": 0},
     ],
 )
 def test_bad_settings_are_refused(kw: dict[str, float]) -> None:
