@@ -85,6 +85,21 @@ def versions(port: int, calls: int) -> collections.Counter[str]:
         return collections.Counter(who(ch).split("-")[1] for _ in range(calls))
 
 
+def split_becomes(node: Node, target: str, v1: int, v2: int, what: str) -> None:
+    """Every 100 calls through a port-forward to ``target`` split v1/v2 as given, once the
+    proxies have the set (weighted_round_robin is exact over its period)."""
+    with node.port_forward(NS, target, 8080) as port:
+        eventually(lambda: versions(port, 100), lambda c: c == {"v1": v1, "v2": v2}, what)
+
+
+def annotate_weights(node: Node, v1: int, v2: int) -> None:
+    """``kubectl annotate`` the Service's group shares."""
+    node.kubectl(
+        "annotate", "service", "echo", "-n", APP, "--overwrite",
+        f"weighbridge.io/weights=version=v1: {v1}%; version=v2: {v2}%",
+    )  # fmt: skip
+
+
 SERVICE = """
 apiVersion: v1
 kind: Service
@@ -179,22 +194,14 @@ def test_install_brings_every_component_ready_through_its_probes(release: Node) 
 def test_calls_through_a_port_forward_split_as_annotated(release: Node) -> None:
     """weighted_round_robin is exact: every 100 calls, 90 to v1 and 10 to v2 (README:
     ``kubectl -n weighbridge port-forward svc/weighbridge-proxy 8080``, which enters one pod)."""
+    split_becomes(release, f"svc/{PROXY}", 90, 10, "a 90/10 split")
     with release.port_forward(NS, f"svc/{PROXY}", 8080) as port:
-        eventually(
-            lambda: versions(port, 100), lambda c: c == {"v1": 90, "v2": 10}, "a 90/10 split"
-        )
         assert versions(port, 200) == {"v1": 180, "v2": 20}
 
 
 def test_kubectl_annotate_changes_the_split(release: Node) -> None:
-    release.kubectl(
-        "annotate", "service", "echo", "-n", APP, "--overwrite",
-        "weighbridge.io/weights=version=v1: 50%; version=v2: 50%",
-    )  # fmt: skip
-    with release.port_forward(NS, f"svc/{PROXY}", 8080) as port:
-        eventually(
-            lambda: versions(port, 100), lambda c: c == {"v1": 50, "v2": 50}, "a 50/50 split"
-        )
+    annotate_weights(release, 50, 50)
+    split_becomes(release, f"svc/{PROXY}", 50, 50, "a 50/50 split")
 
 
 def test_the_admin_api_through_a_port_forward(release: Node) -> None:
@@ -347,14 +354,8 @@ def test_deleting_the_leading_controller_lets_the_other_lead(release: Node) -> N
         timeout=90,
     )
     # The new leader publishes: a change of weights reaches the proxies.
-    release.kubectl(
-        "annotate", "service", "echo", "-n", APP, "--overwrite",
-        "weighbridge.io/weights=version=v1: 80; version=v2: 20",
-    )  # fmt: skip
-    with release.port_forward(NS, f"pod/{a_proxy(release)}", 8080) as port:
-        eventually(
-            lambda: versions(port, 100), lambda c: c == {"v1": 80, "v2": 20}, "an 80/20 split"
-        )
+    annotate_weights(release, 80, 20)
+    split_becomes(release, f"pod/{a_proxy(release)}", 80, 20, "an 80/20 split")
 
 
 def test_without_etcd_the_proxies_keep_serving_then_resync(release: Node) -> None:
@@ -375,12 +376,8 @@ def test_without_etcd_the_proxies_keep_serving_then_resync(release: Node) -> Non
         "etcd back",
         timeout=180,
     )
-    release.kubectl(
-        "annotate", "service", "echo", "-n", APP, "--overwrite",
-        "weighbridge.io/weights=version=v1: 90; version=v2: 10",
-    )  # fmt: skip
-    with release.port_forward(NS, f"pod/{a_proxy(release)}", 8080) as port:
-        eventually(lambda: versions(port, 100), lambda c: c == {"v1": 90, "v2": 10}, "resynced")
+    annotate_weights(release, 90, 10)
+    split_becomes(release, f"pod/{a_proxy(release)}", 90, 10, "resynced")
 
 
 KINDS = "all,configmaps,secrets,serviceaccounts,roles,rolebindings,poddisruptionbudgets,networkpolicies,leases,jobs,persistentvolumeclaims"
