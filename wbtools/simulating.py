@@ -285,7 +285,8 @@ def print_simulation(sim: Simulation, out: TextIO) -> None:
         f"({len(bs.eligible)} take calls), from {bs.source}; nothing written\n"
     )
     for key, value in sorted(sim.annotations.items()):
-        out.write(f"  {key}: {' '.join(value.split())}\n")
+        lines = [line.strip() for line in value.strip().splitlines() if line.strip()]
+        out.write(f"  {key}: {'; '.join(lines)}\n")  # one line each, as the syntax allows
     for p in sim.problems:
         out.write(f"warning: {p.reason}: {p.message}\n")
     simulated = f"SIMULATED ({sim.calls} picks)" if sim.calls else "SIMULATED"

@@ -121,7 +121,7 @@ def test_shares_of_a_canary_per_pod_and_per_group() -> None:
         "Service shop/cart: weighted_round_robin, 4 endpoints (3 take calls), "
         "from endpointslices; nothing written"
     )
-    assert "  weighbridge.io/weights: version=v1: 90% version=v2: 10%" in lines
+    assert "  weighbridge.io/weights: version=v1: 90%; version=v2: 10%" in lines
     table = {line.split()[0]: line.split() for line in lines if line.startswith(("v1", "v2"))}
     assert table["v1-a"][2:] == ["9", "version=v1", "45.00%", "45.00%"]
     assert table["v2-a"][2:] == ["2", "version=v2", "10.00%", "10.00%"]
