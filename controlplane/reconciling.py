@@ -482,17 +482,15 @@ class Controller:
     def _build(self, key: ServiceKey, namespace: str, service: Obj) -> Built:
         spec = ann.parse_service(service["metadata"].get("annotations") or {})
         source = self.settings.source
-        if source == "endpointslices":
-            slices = [
-                self.endpoints.store[s]
-                for s in self._slices_of.get(key, ())
-                if s in self.endpoints.store
-            ]
-            raw = endpoints_of(service, spec, source=source, slices=slices)
-        else:
-            raw = endpoints_of(
-                service, spec, source=source, endpoints=self.endpoints.store.get(key)
-            )
+        # One informer holds either kind: endpoints_of reads the one ``source`` names.
+        slices = [
+            self.endpoints.store[s]
+            for s in self._slices_of.get(key, ())
+            if s in self.endpoints.store
+        ]
+        raw = endpoints_of(
+            service, spec, source=source, slices=slices, endpoints=self.endpoints.store.get(key)
+        )
         pod_names = {e.pod for e in raw if e.pod}
         self._index_pods(key, namespace, pod_names)
         pods: Mapping[str, Obj] = {

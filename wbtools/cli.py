@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import TextIO
 
 from controlplane.errors import AnnotationError
-from controlplane.kube import Kube
-from wbtools import simulating, spreading
 from weighbridge import wbctl
 from weighbridge.errors import WeighbridgeError
 from weighbridge.keys import parse_service_key
+
+DEFAULT_CALLS = 10_000
+"""Picks ``simulate`` has the engine make by default: enough for a random strategy's shares to
+within about 1%."""
 
 
 def add_commands(sub: wbctl.Subcommands) -> None:
@@ -36,7 +38,7 @@ def add_commands(sub: wbctl.Subcommands) -> None:
     simulate.add_argument(
         "--calls",
         type=int,
-        default=simulating.DEFAULT_CALLS,
+        default=DEFAULT_CALLS,
         metavar="N",
         help="picks the engine makes (default %(default)s; 0: expected shares only)",
     )
@@ -83,7 +85,14 @@ def add_commands(sub: wbctl.Subcommands) -> None:
     spread.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
 
+# simulate and spread import their modules when they run: those load the controller's code,
+# the engine and the Kubernetes client, which no other command needs to start.
+
+
 def read_overrides(path: str | None) -> dict[str, str | None]:
+    """The annotations of ``--annotations`` (a file, or ``-``: standard input)."""
+    from wbtools import simulating
+
     if path is None:
         return {}
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
@@ -91,6 +100,9 @@ def read_overrides(path: str | None) -> dict[str, str | None]:
 
 
 async def run_simulate(args: argparse.Namespace, out: TextIO) -> int:
+    from controlplane.kube import Kube
+    from wbtools import simulating
+
     if args.calls < 0:
         raise ValueError("--calls must be 0 or more")
     key = parse_service_key(args.service)
@@ -115,6 +127,8 @@ async def run_simulate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def run_spread(args: argparse.Namespace, out: TextIO) -> int:
+    from wbtools import spreading
+
     if args.interval < 0:
         raise ValueError("--interval must be 0 or more")
     key = parse_service_key(args.service)

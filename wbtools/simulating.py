@@ -37,9 +37,6 @@ from weighbridge.keys import ServiceKey
 from weighbridge.model import BackendSet
 from weighbridge.wbctl import write_table
 
-DEFAULT_CALLS = 10_000
-"""Picks simulated by default: enough for a random strategy's shares to within about 1%."""
-
 
 @dataclass(frozen=True, slots=True)
 class Live:
@@ -167,7 +164,7 @@ def simulate(
     live: Live,
     overrides: Mapping[str, str | None],
     *,
-    calls: int = DEFAULT_CALLS,
+    calls: int,
     seed: int | None = None,
 ) -> Simulation:
     """The set the controller would build from ``live`` with ``overrides`` applied to the
