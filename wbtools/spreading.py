@@ -163,6 +163,10 @@ def _sigma(z: float) -> str:
     return f"{z:+.1f}σ" if math.isfinite(z) else ("+∞σ" if z > 0 else "-∞σ")  # noqa: RUF001
 
 
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 def to_json(spread: Spread) -> dict[str, Any]:
     total = spread.total
     return {
@@ -183,7 +187,8 @@ def to_json(spread: Spread) -> dict[str, Any]:
                 "callsPerProxy": list(r.per_proxy),
                 "observedShare": r.calls / total if total else 0.0,
                 "expectedShare": r.expected,
-                "deviationSigma": r.deviation(total) if total else 0.0,
+                # JSON has no infinity: null when a share of 0 (or 1) was not kept.
+                "deviationSigma": _finite(r.deviation(total)) if total else 0.0,
                 "verdict": r.verdict(total),
             }
             for r in spread.rows

@@ -173,6 +173,26 @@ async def test_simulate_errors_a_user_can_act_on(
     )
 
 
+async def test_simulate_reads_endpoints_as_the_controller_does_with_source_endpoints(
+    k8s: Cluster, apiserver: testenv.KubeAPIServer
+) -> None:
+    pods = await shop(k8s)
+    eps = [ko.Ep(ko.address(i), pod=n) for i, n in enumerate(pods.values())]
+    await k8s.create(ko.endpoints(k8s.ns, "cart", eps[:2], not_ready=eps[2:]))
+    out = await wbctl(
+        "simulate", f"{k8s.ns}/cart", "--source", "endpoints", "--calls", "300", "-o", "json",
+        kubeconfig=apiserver.kubeconfig,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["source"] == "endpoints"
+    assert [(e["eligible"], e["picks"]) for e in doc["endpoints"]] == [
+        (True, 150),
+        (True, 150),
+        (False, 0),
+    ], "round_robin over the ready pods; v2-a is not ready"
+
+
 async def applied(admin: int, key: str) -> list[int]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{admin}") as ch:
         listing = await admin_pb2_grpc.AdminStub(ch).ListBackendSets(

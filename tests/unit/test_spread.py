@@ -98,6 +98,7 @@ def test_no_calls_and_calls_to_an_endpoint_expected_to_get_none() -> None:
     assert row.expected == 0.0
     assert row.deviation(103) == math.inf
     assert row.verdict(103) == "off"
+    assert spreading.to_json(spread)["endpoints"][2]["deviationSigma"] is None
 
 
 def test_an_interval_counts_only_the_calls_between_two_readings() -> None:
