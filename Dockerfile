@@ -32,6 +32,7 @@ COPY pyproject.toml README.md ./
 COPY weighbridge weighbridge
 COPY controlplane controlplane
 COPY dataplane dataplane
+COPY wbtools wbtools
 RUN /tools/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM debian:trixie-slim

@@ -77,6 +77,23 @@ def select_port(service: Obj, wanted: str | None) -> tuple[str, int]:
     )
 
 
+def endpoints_of(
+    service: Obj,
+    spec: ServiceSpec,
+    *,
+    source: str,
+    slices: Iterable[Obj] = (),
+    endpoints: Obj | None = None,
+) -> list[RawEndpoint]:
+    """The endpoints of ``service`` on the port its annotations choose, from its EndpointSlices
+    (``source`` ``endpointslices``) or its core/v1 Endpoints object (``endpoints``); raises
+    AnnotationError when the port cannot be chosen."""
+    port_name, _ = select_port(service, spec.port)
+    if source == "endpointslices":
+        return endpoints_from_slices(slices, port_name)
+    return endpoints_from_endpoints(endpoints, port_name)
+
+
 def endpoints_from_slices(slices: Iterable[Obj], port_name: str) -> list[RawEndpoint]:
     """Merge every EndpointSlice of a Service (discovery.k8s.io/v1) for one port name."""
     found: dict[tuple[str, int], RawEndpoint] = {}
@@ -194,15 +211,9 @@ def assign_weights(
     for i, e in enumerate(endpoints):
         if not e.serving or e.terminating or base[i] == 0:
             continue
-        labels = (pods.get(e.pod) or {}).get("metadata", {}).get("labels") or {} if e.pod else {}
-        for g, group in enumerate(spec.groups):
-            if group.selector is not None and group.selector.matches(labels):
-                members.setdefault(g, []).append(i)
-                break
-        else:
-            rest = next((g for g, gr in enumerate(spec.groups) if gr.selector is None), None)
-            if rest is not None:
-                members.setdefault(rest, []).append(i)
+        g = group_of(spec, pod_labels(e.pod, pods))
+        if g is not None:
+            members.setdefault(g, []).append(i)
 
     shares = [Fraction(0)] * len(endpoints)
     for g, idx in members.items():
@@ -211,6 +222,24 @@ def assign_weights(
         for i in idx:
             shares[i] = group_share * base[i] / group_base
     return _integers(shares), list(problems.values())
+
+
+def pod_labels(pod: str, pods: Mapping[str, Obj]) -> Mapping[str, str]:
+    """The labels of Pod ``pod`` (name → object in ``pods``); none for "" or a missing pod."""
+    labels: Mapping[str, str] = (
+        (pods.get(pod) or {}).get("metadata", {}).get("labels") or {} if pod else {}
+    )
+    return labels
+
+
+def group_of(spec: WeightSpec, labels: Mapping[str, str]) -> int | None:
+    """The index of the group of ``spec`` that takes an endpoint whose Pod has ``labels``: the
+    first whose selector matches, else the ``*`` group; None when no group takes it (it gets
+    no traffic)."""
+    for g, group in enumerate(spec.groups):
+        if group.selector is not None and group.selector.matches(labels):
+            return g
+    return next((g for g, group in enumerate(spec.groups) if group.selector is None), None)
 
 
 def usable_endpoints(

@@ -24,13 +24,7 @@ import aetcd
 import structlog
 
 from controlplane import annotations as ann
-from controlplane.building import (
-    Built,
-    build_backend_set,
-    endpoints_from_endpoints,
-    endpoints_from_slices,
-    select_port,
-)
+from controlplane.building import Built, build_backend_set, endpoints_of
 from controlplane.claiming import NEVER, Claim, Claims
 from controlplane.errors import AnnotationError, NotLeaderError
 from controlplane.kube import Kube, KubeError, Obj
@@ -487,18 +481,16 @@ class Controller:
 
     def _build(self, key: ServiceKey, namespace: str, service: Obj) -> Built:
         spec = ann.parse_service(service["metadata"].get("annotations") or {})
-        port_name, _ = select_port(service, spec.port)
-        if self.settings.source == "endpointslices":
-            slices = [
-                self.endpoints.store[s]
-                for s in self._slices_of.get(key, ())
-                if s in self.endpoints.store
-            ]
-            raw = endpoints_from_slices(slices, port_name)
-            source = "endpointslices"
-        else:
-            raw = endpoints_from_endpoints(self.endpoints.store.get(key), port_name)
-            source = "endpoints"
+        source = self.settings.source
+        # One informer holds either kind: endpoints_of reads the one ``source`` names.
+        slices = [
+            self.endpoints.store[s]
+            for s in self._slices_of.get(key, ())
+            if s in self.endpoints.store
+        ]
+        raw = endpoints_of(
+            service, spec, source=source, slices=slices, endpoints=self.endpoints.store.get(key)
+        )
         pod_names = {e.pod for e in raw if e.pod}
         self._index_pods(key, namespace, pod_names)
         pods: Mapping[str, Obj] = {

@@ -193,6 +193,13 @@ class Engine(Protocol):
 
     def stats(self, key: ServiceKey | None = None) -> list[BackendStats]: ...
 
+    def simulate(self, key: ServiceKey, calls: int) -> dict[str, int]:
+        """HOST:PORT → how many of ``calls`` picks of ``key`` went to each endpoint, picked as
+        calls would be but with nothing sent and no counter changed (the strategy's state moves
+        on: an engine of its own, see :mod:`dataplane.simulating`); raises
+        :class:`NoBackendError`."""
+        ...
+
     def counters(self) -> EngineCounters: ...
 
     def failover_counters(self) -> list[FailoverCount]:
@@ -334,6 +341,12 @@ class NativeEngine:
     ) -> tuple[str, str]:
         try:
             return self._engine.explain(key, hash_value, endpoint)
+        except LookupError as exc:
+            raise NoBackendError(str(exc)) from None
+
+    def simulate(self, key: ServiceKey, calls: int) -> dict[str, int]:
+        try:
+            return dict(self._engine.simulate(key, calls))
         except LookupError as exc:
             raise NoBackendError(str(exc)) from None
 

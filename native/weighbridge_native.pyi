@@ -68,6 +68,7 @@ class Engine:
     def explain(
         self, key: str, hash_value: str | None = None, endpoint: str | None = None
     ) -> tuple[str, str]: ...
+    def simulate(self, key: str, calls: int) -> list[tuple[str, int]]: ...
     def stats(
         self, key: str | None = None
     ) -> list[

@@ -18,8 +18,8 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, TextIO
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TextIO, TypeAlias
 
 import aetcd
 import grpc
@@ -249,21 +249,30 @@ def print_backends(
     write_table(rows, out)
 
 
-async def show_backends(admin: str, service: str | None, output: str, out: TextIO) -> int:
-    """Each endpoint's state and counters, as one proxy's admin API reports them."""
+async def list_backend_sets(admin: str, service: str | None) -> admin_pb2.ListBackendSetsResponse:
+    """One proxy's applied sets (``service``'s only, when given) with each endpoint's state and
+    counters, from its admin API at ``admin``; raises WeighbridgeError saying what went wrong
+    (the proxy has no set for ``service``, or could not be asked)."""
     request = admin_pb2.ListBackendSetsRequest(service=service or "")
     async with grpc.aio.insecure_channel(admin) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
         try:
-            response = await stub.ListBackendSets(request, timeout=10)
+            response: admin_pb2.ListBackendSetsResponse = await stub.ListBackendSets(
+                request, timeout=10
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                sys.stderr.write(f"wbctl: {exc.details()}\n")
-                return 1
+                raise WeighbridgeError(f"{exc.details()} (proxy admin API at {admin})") from None
             raise WeighbridgeError(
                 f"the proxy admin API at {admin} answered {exc.code().name}: {exc.details()} "
                 "(is a port-forward to the proxy's admin port running?)"
             ) from None
+    return response
+
+
+async def show_backends(admin: str, service: str | None, output: str, out: TextIO) -> int:
+    """Each endpoint's state and counters, as one proxy's admin API reports them."""
+    response = await list_backend_sets(admin, service)
     if output == "json":
         out.write(json.dumps(backends_to_json(response), indent=2) + "\n")
     else:
@@ -335,9 +344,17 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         await store.close(etcd)
 
 
-def build_parser() -> argparse.ArgumentParser:
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def build_parser(
+    more: Callable[[Subcommands], None] | None = None,
+) -> argparse.ArgumentParser:
+    """wbctl's options and commands; ``more`` adds commands defined elsewhere (wbtools.cli)."""
     p = argparse.ArgumentParser(
-        prog="wbctl", description="Read and write Weighbridge backend sets in etcd."
+        prog="wbctl",
+        description="Read and write Weighbridge backend sets in etcd, ask proxies how they "
+        "route, and simulate a Service's spread.",
     )
     add_etcd_arguments(p)
     sub = p.add_subparsers(dest="command", required=True)
@@ -399,17 +416,23 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument(
         "--prefix", default=argparse.SUPPRESS, help="etcd key prefix the roles cover"
     )
+    if more is not None:
+        more(sub)
     return p
+
+
+def execute(command: Coroutine[Any, Any, int]) -> int:
+    """Run one command to its exit code; an error it raises is printed as ``wbctl: …``."""
+    try:
+        return asyncio.run(command)
+    except (WeighbridgeError, ValueError) as exc:
+        sys.stderr.write(f"wbctl: {exc}\n")
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        code = asyncio.run(run(args, sys.stdout))
-    except (WeighbridgeError, ValueError) as exc:
-        sys.stderr.write(f"wbctl: {exc}\n")
-        code = 1
-    sys.exit(code)
+    sys.exit(execute(run(args, sys.stdout)))
 
 
 if __name__ == "__main__":

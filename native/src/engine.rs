@@ -626,6 +626,32 @@ impl Engine {
         Ok((target.backend.hostport.clone(), why))
     }
 
+    /// [(HOST:PORT, picks)] of `calls` picks of Service `key`, in the order of the applied
+    /// endpoints, made by its strategy as calls would make them, with nothing sent and no
+    /// counter changed (`wbctl simulate`; the strategy's state moves on, so simulate on an
+    /// engine of its own). Raises LookupError when the Service has no route or no endpoint.
+    fn simulate(&self, py: Python<'_>, key: &str, calls: u64) -> PyResult<Vec<(String, u64)>> {
+        let route = Arc::clone(
+            self.shared
+                .table
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(key)
+                .ok_or_else(|| {
+                    PyLookupError::new_err(format!("no backend set for Service {key}"))
+                })?,
+        );
+        let counts = py
+            .detach(|| route.simulate(calls))
+            .map_err(PyLookupError::new_err)?;
+        Ok(route
+            .targets
+            .iter()
+            .zip(counts)
+            .map(|(t, n)| (t.backend.hostport.clone(), n))
+            .collect())
+    }
+
     /// Rows of (NAMESPACE/NAME, HOST:PORT, requests, errors, in flight, latency sum in
     /// seconds, latency bucket counts, connected, last connection error, (state, why, since
     /// (unix seconds), times ejected)), of Service `key` only when given. The state is

@@ -18,7 +18,7 @@ use crate::pool::Backend;
 use crate::retry::{Budget, RetryPolicy, ServiceCounters};
 use crate::slow_start::{Ramp, SlowStart};
 use crate::stats::{LocalError, Stats};
-use crate::strategy::{Load, Picker};
+use crate::strategy::{hash_key, Load, Picker, RING_HASH};
 
 pub struct Target {
     pub backend: Arc<Backend>,
@@ -224,6 +224,20 @@ impl Route {
             }
             _ => Err(self.none_available()),
         }
+    }
+
+    /// How many of `calls` picks went to each endpoint (by index), made as calls make them
+    /// (`pick`: the strategy's state moves on, endpoints that cannot take calls are skipped)
+    /// but with nothing sent and no counter changed: `wbctl simulate`. ring_hash's calls carry
+    /// distinct keys (call i the hash of "i"), so its counts are the ring's share of keys.
+    pub fn simulate(&self, calls: u64) -> Result<Vec<u64>, String> {
+        let keyed = self.strategy == RING_HASH;
+        let mut counts = vec![0; self.targets.len()];
+        for call in 0..calls {
+            let key = keyed.then(|| hash_key(call.to_string().as_bytes()));
+            counts[self.pick(None, key)?] += 1;
+        }
+        Ok(counts)
     }
 
     /// Adds to `why` why the strategy's first pick `first` was passed over (a debug call's
@@ -603,6 +617,44 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn simulate_counts_real_picks_and_sends_nothing() {
+        let r = route("weighted_round_robin", &[9, 9, 2], 50);
+        assert_eq!(
+            r.simulate(2000).unwrap(),
+            [900, 900, 200],
+            "exact over whole periods"
+        );
+        assert!(r
+            .targets
+            .iter()
+            .all(|t| t.stats.requests.load(Relaxed) == 0));
+
+        let r = route("round_robin", &[1, 1, 1, 1], 50);
+        r.targets[1].backend.set_down(true);
+        assert_eq!(
+            r.simulate(300).unwrap(),
+            [100, 0, 100, 100],
+            "skips as calls do"
+        );
+
+        let mut r = route("ring_hash", &[1, 3], 50);
+        let keys = ["10.0.0.0:80".to_string(), "10.0.0.1:80".to_string()];
+        r.picker = Picker::build("ring_hash", &[1, 3], &keys, 0, 1.25, "empty".into()).unwrap();
+        let n = r.simulate(20_000).unwrap();
+        assert_eq!(n.iter().sum::<u64>(), 20_000);
+        assert_eq!(
+            n,
+            r.simulate(20_000).unwrap(),
+            "the same keys land the same way"
+        );
+        assert!((0.15..0.35).contains(&(n[0] as f64 / 20_000.0)), "{n:?}");
+
+        let r = route("round_robin", &[], 50);
+        assert_eq!(r.simulate(0).unwrap(), Vec::<u64>::new());
+        assert_eq!(r.simulate(1).unwrap_err(), "empty");
     }
 
     #[test]

@@ -15,6 +15,7 @@ from dataplane.routing import Routes
 from dataplane.subscription import Subscription
 from tests.unit.fakeengine import FakeEngine, stats_row
 from weighbridge import wbctl
+from weighbridge.errors import WeighbridgeError
 from weighbridge.keys import KeyScheme, ServiceKey
 from weighbridge.model import BackendSet, Endpoint
 from weighbridge.v1 import admin_pb2_grpc
@@ -105,12 +106,11 @@ async def test_backends_shows_each_endpoints_state_and_why(admin: str) -> None:
     assert rows["c"].split()[4:6] == ["draining", "-"]
 
 
-async def test_backends_of_an_unknown_service_fail_plainly(
-    admin: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_backends_of_an_unknown_service_fail_plainly(admin: str) -> None:
     args = wbctl.build_parser().parse_args(["backends", "ns/nope", "--admin", admin])
-    assert await wbctl.run(args, io.StringIO()) == 1
-    assert capsys.readouterr().err == "wbctl: no backend set for ns/nope\n"
+    with pytest.raises(WeighbridgeError) as caught:
+        await wbctl.run(args, io.StringIO())
+    assert str(caught.value) == f"no backend set for ns/nope (proxy admin API at {admin})"
 
 
 def test_since_reads_as_time_ago() -> None:

@@ -1,0 +1,3 @@
+from wbtools.cli import main
+
+main()
