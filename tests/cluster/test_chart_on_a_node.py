@@ -150,9 +150,7 @@ def release(node: Node) -> Iterator[Node]:
     (after removing what an interrupted earlier session left: the cluster's state persists)."""
     node.helm("uninstall", RELEASE, "-n", NS, "--ignore-not-found", "--wait")
     node.kubectl("delete", "namespace", APP, NS, "--ignore-not-found", "--wait=true", timeout=300)
-    node.helm(
-        "install", RELEASE, CHART, "-n", NS, "--create-namespace", "--wait", "--timeout", "6m"
-    )
+    node.helm("install", RELEASE, CHART, "-n", NS, "--create-namespace", "--wait")
     node.kubectl("create", "namespace", APP)
     node.kubectl("apply", "-f", "-", input=backends(node.backend_image))
     node.kubectl(
