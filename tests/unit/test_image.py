@@ -3,6 +3,7 @@ and refuses what it cannot do the way Docker does."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,14 @@ def test_what_it_cannot_do_is_refused() -> None:
         ("FROM", "debian:trixie-slim AS a", 1),
         ("RUN", "a  b", 3),
     ]
+
+
+def test_the_build_stage_copies_every_package_the_project_ships() -> None:
+    """A package the wheel lists but the Dockerfile does not copy would be missing from the
+    image (as wbtools once was: the etcd-auth Job's wbctl could not start)."""
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        find = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    shipped = {pattern.rstrip("*") for pattern in find}
+    build = parse((ROOT / "Dockerfile").read_text())[0]
+    copied = {ins.args.split()[0] for ins in build if ins.keyword == "COPY"}
+    assert shipped <= copied, sorted(shipped - copied)
