@@ -7,7 +7,7 @@ import socket
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aetcd
 import grpc
@@ -24,13 +24,15 @@ from dataplane.metrics import ProxyCollector
 from dataplane.routing import Routes
 from dataplane.settings import ProxySettings
 from dataplane.subscription import StatusPublisher, Subscription
-from dataplane.xds.server import XdsServer
 from weighbridge.cli import split_hostport
 from weighbridge.errors import EtcdUnavailableError
 from weighbridge.etcd import count_proxy_zones
 from weighbridge.keys import KeyScheme, ServiceKey
 from weighbridge.model import BackendSet
 from weighbridge.v1 import admin_pb2, admin_pb2_grpc
+
+if TYPE_CHECKING:
+    from dataplane.xds.server import XdsServer
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +104,9 @@ class Proxy:
         self.subscription = Subscription(etcd, scheme, self._apply)
         self.xds: XdsServer | None = None
         if settings.xds_listen:
+            # Imported here only: a proxy serving no xDS loads none of envoy's protobufs (1.5 MB).
+            from dataplane.xds.server import XdsServer
+
             self.xds = XdsServer(
                 self.routes,
                 self.subscription,

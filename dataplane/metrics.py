@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -14,8 +14,9 @@ from dataplane.engine import ENDPOINT_STATES, LATENCY_BOUNDS, BackendStats, Engi
 from dataplane.health import in_sync
 from dataplane.routing import APPLY_FAILURE_REASONS, Routes, endpoint_state
 from dataplane.subscription import Subscription
-from dataplane.xds.resources import TYPES
-from dataplane.xds.server import XdsServer
+
+if TYPE_CHECKING:
+    from dataplane.xds.server import XdsServer
 
 Family = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
 
@@ -307,6 +308,8 @@ class ProxyCollector(Collector):
         """The xDS server's, when it is on (--xds-listen)."""
         if self.xds is None:
             return
+        from dataplane.xds.resources import TYPES  # loaded already: the server is on
+
         yield GaugeMetricFamily(
             "weighbridge_proxy_xds_streams",
             "xDS streams open (one per proxyless gRPC client process).",

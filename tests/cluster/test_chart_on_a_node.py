@@ -11,10 +11,12 @@ it leaves behind for the next. README's "Install in a cluster" gives the same co
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -242,6 +244,43 @@ def test_etcd_roles_hold_after_the_auth_job(release: Node) -> None:
         release.kubectl(*wbctl, "delete", f"{APP}/echo")
 
 
+@contextlib.contextmanager
+def outside_host() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """A host outside the cluster: a test network namespace routed through this machine, as a
+    client on the node's network would be. Yields ``run(SCRIPT, *ARGS, env=None)``, which
+    starts the Python source SCRIPT there with its stdout piped."""
+    with tempfile.TemporaryDirectory() as tmp, PodNetwork() as net:
+        net.add_host("client")
+        netns = f"{net.tag}-client"
+        subprocess.run(
+            ["ip", "netns", "exec", netns, "ip", "route", "add", "default",
+             "via", f"198.18.{net.subnet}.254"],
+            check=True,
+        )  # fmt: skip
+        started: list[subprocess.Popen[str]] = []
+
+        def run(
+            source: str, *args: str, env: dict[str, str] | None = None
+        ) -> subprocess.Popen[str]:
+            script = Path(tmp) / f"client{len(started)}.py"
+            script.write_text(textwrap.dedent(source))
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", netns, sys.executable, str(script), *args],
+                stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            )  # fmt: skip
+            started.append(proc)
+            return proc
+
+        try:
+            yield run
+        finally:
+            for proc in started:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()
+
+
 CLIENT = """
 import json, os, sys, threading, time, grpc
 target, authority, until = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
@@ -276,31 +315,8 @@ def test_helm_upgrade_rolls_the_proxies_without_losing_a_call(
         "get", "service", PROXY, "-n", NS, "-o", "jsonpath={.spec.clusterIP}"
     )
     before = {p["metadata"]["name"] for p in pods(release, NS, component("proxy"))}
-    script = tmp_path / "client.py"
-    script.write_text(textwrap.dedent(CLIENT))
-    with PodNetwork() as net:
-        net.add_host("client")
-        gateway = f"198.18.{net.subnet}.254"
-        subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                f"{net.tag}-client",
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                gateway,
-            ],
-            check=True,
-        )
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", f"{net.tag}-client", sys.executable, str(script),
-             f"{cluster_ip}:8080", AUTHORITY, "300", str(tmp_path / "stop")],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
+    with outside_host() as run:
+        client = run(CLIENT, f"{cluster_ip}:8080", AUTHORITY, "300", str(tmp_path / "stop"))
         try:
             time.sleep(5)
             release.helm(
@@ -376,6 +392,53 @@ def test_without_etcd_the_proxies_keep_serving_then_resync(release: Node) -> Non
     )
     annotate_weights(release, 90, 10)
     split_becomes(release, f"pod/{a_proxy(release)}", 90, 10, "resynced")
+
+
+XDS_CLIENT = """
+import collections, json, sys, grpc
+with grpc.insecure_channel(sys.argv[1]) as ch:
+    call = ch.unary_unary("/test.Echo/Unary")
+    got = collections.Counter()
+    for _ in range(int(sys.argv[2])):
+        _, answer = call.with_call(b"", timeout=10, wait_for_ready=True)
+        got[dict(answer.initial_metadata())["x-backend"].split("-")[1]] += 1
+print(json.dumps(got))
+"""
+"""``XDS_CLIENT TARGET N``: N calls through grpcio's own xds resolver; answers by version."""
+
+
+def test_a_proxyless_client_balances_from_the_proxies_xds(release: Node) -> None:
+    """``proxy.xds.enabled`` publishes the proxies' xDS port on their Service; a gRPC client
+    outside the cluster, bootstrapped with that Service's ClusterIP, calls the pods itself with
+    the Service's 90/10 shares (each call a weighted draw: within 5 sigma)."""
+    release.helm(
+        "upgrade", RELEASE, CHART, "-n", NS, "--reuse-values", "--wait",
+        "--set", "proxy.xds.enabled=true", "--set", f"proxy.xds.namespaces={{{APP}}}",
+    )  # fmt: skip
+    ports = json.loads(release.kubectl("get", "service", PROXY, "-n", NS, "-o", "json"))
+    cluster_ip = ports["spec"]["clusterIP"]
+    (xds_port,) = [p["port"] for p in ports["spec"]["ports"] if p["name"] == "xds"]
+    bootstrap = {
+        "xds_servers": [
+            {
+                "server_uri": f"{cluster_ip}:{xds_port}",
+                "channel_creds": [{"type": "insecure"}],
+                "server_features": ["xds_v3", "ignore_resource_deletion"],
+            }
+        ],
+        "node": {"id": "cluster-test"},
+    }
+    calls = 1000
+    with outside_host() as run:
+        client = run(
+            XDS_CLIENT, f"xds:///{AUTHORITY}", str(calls),
+            env={"GRPC_XDS_BOOTSTRAP_CONFIG": json.dumps(bootstrap)},
+        )  # fmt: skip
+        out, _ = client.communicate(timeout=240)
+    got = json.loads(out)
+    assert sum(got.values()) == calls and set(got) == {"v1", "v2"}, got
+    sigma = (calls * 0.1 * 0.9) ** 0.5
+    assert abs(got["v2"] - calls * 0.1) <= 5 * sigma, got
 
 
 KINDS = "all,configmaps,secrets,serviceaccounts,roles,rolebindings,poddisruptionbudgets,networkpolicies,leases,jobs,persistentvolumeclaims"
