@@ -27,27 +27,10 @@ class Node:
     backend_image: str
 
     def kubectl(self, *args: str, input: str | None = None, timeout: float = 120) -> str:
-        out = subprocess.run(
-            [str(self.kubectl_path), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if out.returncode:
-            raise AssertionError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
-        return out.stdout
+        return _tool(self.kubectl_path, self.kubeconfig, args, input, timeout)
 
     def helm(self, *args: str, timeout: float = 600) -> str:
-        out = subprocess.run(
-            [str(self.helm_path), "--kubeconfig", str(self.kubeconfig), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if out.returncode:
-            raise AssertionError(f"helm {' '.join(args)}: {out.stderr.strip()}")
-        return out.stdout
+        return _tool(self.helm_path, self.kubeconfig, args, None, timeout)
 
     @contextlib.contextmanager
     def port_forward(self, namespace: str, target: str, port: int) -> Iterator[int]:
@@ -85,6 +68,22 @@ class Node:
                 reader.join(timeout=10)  # EOF once kubectl has exited
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+def _tool(
+    path: Path, kubeconfig: Path, args: tuple[str, ...], input: str | None, timeout: float
+) -> str:
+    """``path --kubeconfig KUBECONFIG ARGS...``'s output; its error as an AssertionError."""
+    out = subprocess.run(
+        [str(path), "--kubeconfig", str(kubeconfig), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if out.returncode:
+        raise AssertionError(f"{path.name} {' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout
 
 
 def _run(argv: list[str], timeout: float, input: str | None = None) -> str:
