@@ -9,7 +9,6 @@ from dataplane.routing import Routes, ServiceState, endpoint_state
 from dataplane.subscription import Subscription
 from weighbridge.keys import ServiceKey
 from weighbridge.model import endpoint_to_proto, to_proto
-from weighbridge.policy import ENDPOINT_HEADER, failover_from_options
 from weighbridge.v1 import admin_pb2 as api
 from weighbridge.v1 import admin_pb2_grpc as api_grpc
 
@@ -93,12 +92,8 @@ class AdminService(api_grpc.AdminServicer):
             matched_by=matched,
             strategy=state.backend_set.strategy if state else "",
         )
-        # ring_hash's key, from the request headers Explain was given.
-        hashed = failover_from_options(state.backend_set.options)[0].hash if state else None
-        hash_value = request.headers.get(hashed.header) if hashed else None
-        forced = request.headers.get(ENDPOINT_HEADER)
         try:
-            hostport, reason = self.engine.explain(key, hash_value, forced)
+            hostport, reason = self.engine.explain(key, request.headers)
         except NoBackendError as exc:
             response.error = f"weighbridge: {exc}"
             return response

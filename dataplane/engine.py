@@ -182,12 +182,10 @@ class Engine(Protocol):
         """The Service a call would reach and how it matched; raises :class:`NoRouteError`."""
         ...
 
-    def explain(
-        self, key: ServiceKey, hash_value: str | None = None, endpoint: str | None = None
-    ) -> tuple[str, str]:
-        """HOST:PORT of the endpoint the next call of ``key`` would get, and why, without
-        picking (for ring_hash: a call whose hashed header has ``hash_value``; for a call
-        carrying ``x-weighbridge-endpoint: POD``, ``endpoint``: that pod's); raises
+    def explain(self, key: ServiceKey, headers: Mapping[str, str] | None = None) -> tuple[str, str]:
+        """HOST:PORT of the endpoint the next call of ``key`` with request ``headers``
+        (lower-case names) would get, and why, without picking; the engine reads in them what a
+        call's headers tell it (ring_hash's key, ``x-weighbridge-endpoint``); raises
         :class:`NoBackendError`, also when the Service refuses the pod."""
         ...
 
@@ -336,11 +334,9 @@ class NativeEngine:
             raise NoRouteError(str(exc)) from None
         return ServiceKey(key), matched
 
-    def explain(
-        self, key: ServiceKey, hash_value: str | None = None, endpoint: str | None = None
-    ) -> tuple[str, str]:
+    def explain(self, key: ServiceKey, headers: Mapping[str, str] | None = None) -> tuple[str, str]:
         try:
-            return self._engine.explain(key, hash_value, endpoint)
+            return self._engine.explain(key, dict(headers or {}))
         except LookupError as exc:
             raise NoBackendError(str(exc)) from None
 

@@ -291,11 +291,6 @@ class ZoneAware:
 
 _ON_OFF: Final = {"on": True, "off": False}
 
-DEBUG_HEADER: Final = "x-weighbridge-debug"
-"""The request header (value ``1``) that asks the proxy for debug metadata."""
-ENDPOINT_HEADER: Final = "x-weighbridge-endpoint"
-"""The request header naming the pod a call goes to, where :attr:`Debug.endpoint_override`."""
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Debug:
@@ -943,9 +938,7 @@ def failover_from_options(options: Mapping[str, str]) -> tuple[Failover, dict[st
 __all__ = [
     "BACKEND_TLS",
     "DEBUG",
-    "DEBUG_HEADER",
     "DEFAULTS",
-    "ENDPOINT_HEADER",
     "HASH",
     "HEALTH_CHECK",
     "OPTION_KEYS",

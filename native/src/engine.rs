@@ -18,6 +18,7 @@ use crate::health::{CheckArg, CheckPolicy, Health, OutlierArg, OutlierPolicy, Ow
 use crate::limits::{ClientLimits, LimitCounters};
 use crate::locality::{Locality, PlaceArg, ZoneAware, Zones};
 use crate::pool::{Pool, Tuning};
+use crate::proxy::ENDPOINT_HEADER;
 use crate::retry::{Budget, RetryArg, RetryPolicy, ServiceCounters};
 use crate::routing::{Debug, Policy, Route, Table, Target};
 use crate::slow_start::{Ramp, SlowStart, SlowStartArg};
@@ -577,21 +578,24 @@ impl Engine {
             .map_err(PyLookupError::new_err)
     }
 
-    /// (HOST:PORT, why) of the endpoint Service `key`'s next call would get, without picking
-    /// (a call naming pod `endpoint` in `x-weighbridge-endpoint`: that pod's); raises
-    /// LookupError when the Service has no route or no endpoint to pick, or refuses the pod.
-    #[pyo3(signature = (key, hash_value=None, endpoint=None))]
+    /// (HOST:PORT, why) of the endpoint Service `key`'s next call would get, without picking,
+    /// for a call with request `headers` (lower-case names) read as a call's are: ring_hash's
+    /// hashed header, and `x-weighbridge-endpoint` (that pod's endpoint); raises LookupError
+    /// when the Service has no route or no endpoint to pick, or refuses the pod.
+    #[pyo3(signature = (key, headers=None))]
     fn explain(
         &self,
         key: &str,
-        hash_value: Option<&str>,
-        endpoint: Option<&str>,
+        headers: Option<HashMap<String, String>>,
     ) -> PyResult<(String, String)> {
         let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
         let route = table
             .get(key)
             .ok_or_else(|| PyLookupError::new_err(format!("no backend set for Service {key}")))?;
-        if let Some(pod) = endpoint {
+        let headers = headers.unwrap_or_default();
+        let hash_value =
+            (route.policy.hash_header.as_ref()).and_then(|name| headers.get(name.as_str()));
+        if let Some(pod) = headers.get(ENDPOINT_HEADER) {
             let i = route
                 .forced(pod)
                 .map_err(|(_, _, message)| PyLookupError::new_err(message))?;

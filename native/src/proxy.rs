@@ -354,7 +354,8 @@ struct Asked {
 }
 
 const DEBUG_HEADER: &str = "x-weighbridge-debug";
-const ENDPOINT_HEADER: &str = "x-weighbridge-endpoint";
+/// The request header naming the pod a call goes to (read by calls and by Explain).
+pub const ENDPOINT_HEADER: &str = "x-weighbridge-endpoint";
 
 /// Debug metadata for one call (`x-weighbridge-debug: 1`), in the response headers: the
 /// Service, its strategy, the set's generation and etcd revision, and, once an endpoint is

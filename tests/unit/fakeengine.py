@@ -83,9 +83,7 @@ class FakeEngine:
             raise NoRouteError(f"no backend set for Service {key}")
         return key, "authority"
 
-    def explain(
-        self, key: ServiceKey, hash_value: str | None = None, endpoint: str | None = None
-    ) -> tuple[str, str]:
+    def explain(self, key: ServiceKey, headers: Mapping[str, str] | None = None) -> tuple[str, str]:
         route = self.routes.get(key)
         if route is None or not route.endpoints:
             raise NoBackendError(f"Service {key} has no backend that can take requests")
